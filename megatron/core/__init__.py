@@ -1,0 +1,1 @@
+"""Model code: configs, layers, SSM ops and the hybrid model, free of training-loop concerns."""

@@ -1,0 +1,54 @@
+"""Decode-time state of a hybrid model: per-layer KV caches and Mamba conv/SSM states."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+class InferenceParams:
+    """Caches for incremental decoding, filled by the layers themselves.
+
+    ``sequence_len_offset`` is the number of tokens already consumed; the caller advances it after each forward
+    (``advance``), as in Megatron. ``key_value_memory_dict[layer_number]`` holds, for an attention layer,
+    ``(key_cache, value_cache)`` of shape ``(max_batch, max_sequence_length, query_groups, head_dim)``; for a Mamba
+    layer, ``(conv_state, ssm_state)`` of shapes ``(max_batch, conv_channels, d_conv)`` and
+    ``(max_batch, nheads, headdim, d_state)`` (Mamba1: ``(max_batch, d_inner, d_state)``).
+    """
+
+    def __init__(self, max_batch_size: int, max_sequence_length: int) -> None:
+        if max_batch_size <= 0 or max_sequence_length <= 0:
+            raise ValueError(
+                f"InferenceParams needs positive sizes, got batch {max_batch_size}, length {max_sequence_length}"
+            )
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.sequence_len_offset = 0
+        self.key_value_memory_dict: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def layer_state(
+        self, layer_number: int, allocate: Callable[[], tuple[torch.Tensor, ...]]
+    ) -> tuple[torch.Tensor, ...]:
+        """The cache tensors of one layer, allocated by ``allocate()`` on first use."""
+        if layer_number not in self.key_value_memory_dict:
+            self.key_value_memory_dict[layer_number] = allocate()
+        return self.key_value_memory_dict[layer_number]
+
+    def check_room(self, batch_size: int, num_tokens: int) -> None:
+        """Raise ``ValueError`` if a forward of ``num_tokens`` tokens for ``batch_size`` sequences would overflow."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(f"batch size {batch_size} exceeds the inference max_batch_size {self.max_batch_size}")
+        if self.sequence_len_offset + num_tokens > self.max_sequence_length:
+            raise ValueError(
+                f"{self.sequence_len_offset} + {num_tokens} tokens exceed the inference max_sequence_length "
+                f"{self.max_sequence_length}"
+            )
+
+    def advance(self, num_tokens: int) -> None:
+        """Record that ``num_tokens`` more tokens have been consumed."""
+        self.sequence_len_offset += num_tokens
+
+    def reset(self) -> None:
+        """Start a new generation: offset 0 (states are overwritten, caches reused)."""
+        self.sequence_len_offset = 0

@@ -1,0 +1,66 @@
+"""The three residual layer types of a hybrid stack: ``h = h + dropout(sublayer(norm(h)))``.
+
+The pre-norm lives inside each sublayer's first projection (``*.layer_norm_weight``), so the layers themselves only
+add the residual. Megatron's module names (``mixer``, ``self_attention``, ``mlp``) give the state-dict keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.core.inference_params import InferenceParams
+from megatron.core.models.hybrid.hybrid_layer_allocation import ATTENTION, MAMBA, MLP
+from megatron.core.ssm.mamba1_mixer import Mamba1Mixer
+from megatron.core.ssm.mamba_mixer import MambaMixer
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.mlp import MLP as MLPBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+Rotary = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class MambaLayer(nn.Module):
+    """Residual Mamba layer (``mixer``: Mamba2, or Mamba1 when ``config.mamba_version == 1``)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int) -> None:
+        super().__init__()
+        mixer_class = Mamba1Mixer if config.mamba_version == 1 else MambaMixer
+        self.mixer = mixer_class(config, layer_number)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """``(b, s, hidden) -> (b, s, hidden)``."""
+        return hidden + self.dropout(self.mixer(hidden, inference_params))
+
+
+class TransformerLayer(nn.Module):
+    """Residual self-attention layer (``self_attention``)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int) -> None:
+        super().__init__()
+        self.self_attention = SelfAttention(config, layer_number)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """``(b, s, hidden) -> (b, s, hidden)``."""
+        return hidden + self.dropout(self.self_attention(hidden, rotary, inference_params))
+
+
+class MLPLayer(nn.Module):
+    """Residual MLP layer (``mlp``)."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int) -> None:
+        super().__init__()
+        self.mlp = MLPBlock(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
+                inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """``(b, s, hidden) -> (b, s, hidden)``."""
+        return hidden + self.dropout(self.mlp(hidden))
+
+
+LAYER_TYPES: dict[str, type[nn.Module]] = {MAMBA: MambaLayer, ATTENTION: TransformerLayer, MLP: MLPLayer}

@@ -1,0 +1,147 @@
+"""The hybrid Mamba / attention / MLP language model (Megatron's ``MambaModel``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.inference_params import InferenceParams
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.hybrid.hybrid_block import HybridStack
+from megatron.core.models.hybrid.hybrid_layer_allocation import (
+    ATTENTION,
+    resolve_hybrid_pattern,
+    strip_stage_boundaries,
+)
+from megatron.core.models.hybrid.state_dict_compat import upgrade_state_dict
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+POSITION_EMBEDDING_TYPES = ("none", "rope", "learned_absolute")
+
+
+class HybridModel(nn.Module):
+    """Embedding -> hybrid stack of ``M`` / ``*`` / ``-`` layers -> final norm -> output layer.
+
+    The layer pattern comes from ``hybrid_layer_pattern``, ``hybrid_override_pattern`` or the two ratios (see
+    ``hybrid_layer_allocation``); ``config.num_layers`` must match it (0 means "take it from the pattern").
+    ``pre_process`` / ``post_process`` say whether this pipeline stage holds the embedding / the final norm and
+    output layer; ``layer_offset`` is the global index of the stage's first layer.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vocab_size: int,
+        max_sequence_length: int,
+        hybrid_layer_pattern: str | None = None,
+        hybrid_attention_ratio: float = 0.0,
+        hybrid_mlp_ratio: float = 0.0,
+        hybrid_override_pattern: str | None = None,
+        position_embedding_type: str = "none",
+        rotary_base: float = 10000,
+        rotary_percent: float = 1.0,
+        share_embeddings_and_output_weights: bool = False,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        if position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, got {position_embedding_type!r}"
+            )
+        if vocab_size <= 0 or max_sequence_length <= 0:
+            raise ValueError(f"vocab_size and max_sequence_length must be positive, got {vocab_size}, "
+                             f"{max_sequence_length}")
+        pattern = resolve_hybrid_pattern(
+            num_layers=config.num_layers or None, attention_ratio=hybrid_attention_ratio, mlp_ratio=hybrid_mlp_ratio,
+            override_pattern=hybrid_override_pattern, layer_pattern=hybrid_layer_pattern,
+        )
+        self.hybrid_pattern = strip_stage_boundaries(pattern)
+        if not config.num_layers:
+            config.num_layers = len(self.hybrid_pattern)
+        if ATTENTION in self.hybrid_pattern and config.num_attention_heads <= 0:
+            raise ValueError("the layer pattern has attention layers ('*') but num_attention_heads is 0")
+
+        self.config = config
+        self.vocab_size = vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.position_embedding_type = position_embedding_type
+        self.share_embeddings_and_output_weights = share_embeddings_and_output_weights
+        self.pre_process = pre_process
+        self.post_process = post_process
+
+        self.embedding = None
+        if pre_process or (post_process and share_embeddings_and_output_weights):
+            self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length, position_embedding_type)
+        self.rotary_pos_emb = None
+        if position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
+        self.decoder = HybridStack(config, self.hybrid_pattern, layer_offset, post_process)
+        self.output_layer = None
+        if post_process and not share_embeddings_and_output_weights:
+            self.output_layer = nn.Linear(config.hidden_size, vocab_size, bias=False, dtype=config.params_dtype)
+            nn.init.normal_(self.output_layer.weight, std=config.init_method_std)
+        self.input_tensor: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(_upgrade_keys_hook)
+
+    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
+        """Hidden states ``(b, s, hidden)`` received from the previous pipeline stage (when not ``pre_process``)."""
+        self.input_tensor = input_tensor
+
+    def output_weight(self) -> torch.Tensor:
+        """The ``(vocab, hidden)`` matrix that maps hidden states to logits (the embedding when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.embedding.word_embeddings.weight
+        return self.output_layer.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        inference_params: InferenceParams | None = None,
+        decoder_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids ``(b, s)`` -> logits ``(b, s, vocab)``, or with ``labels`` ``(b, s)`` the per-token
+        cross-entropy ``(b, s)`` (float32). Stages without ``post_process`` return hidden states ``(b, s, hidden)``.
+
+        ``position_ids`` default to ``offset + arange(s)``, where the offset is the number of tokens already in
+        ``inference_params`` (incremental decoding). The caller advances ``inference_params`` after the call.
+        """
+        b, s = input_ids.shape
+        offset = 0
+        if inference_params is not None:
+            inference_params.check_room(b, s)
+            offset = inference_params.sequence_len_offset
+        if position_ids is None:
+            position_ids = torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0).expand(b, s)
+        if offset + s > self.max_sequence_length and self.position_embedding_type == "learned_absolute":
+            raise ValueError(f"sequence of {offset + s} tokens exceeds max_sequence_length {self.max_sequence_length}")
+
+        if decoder_input is not None:
+            hidden = decoder_input
+        elif self.pre_process:
+            hidden = self.embedding(input_ids, position_ids)
+        else:
+            hidden = self.input_tensor
+        rotary = None
+        if self.rotary_pos_emb is not None:
+            rotary = self.rotary_pos_emb(position_ids, hidden.dtype)
+        hidden = self.decoder(hidden, rotary, inference_params)
+        if not self.post_process:
+            return hidden
+
+        logits = F.linear(hidden, self.output_weight())
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(b, s)
+
+
+def _upgrade_keys_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    upgrade_state_dict(state_dict, prefix)
+
+
+MambaModel = HybridModel

@@ -1,0 +1,130 @@
+"""The Mamba2 mixer (Megatron's ``MambaMixer``): projection, short causal conv, SSD scan, gated norm, projection."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from megatron.core.inference_params import InferenceParams
+from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
+from megatron.core.ssm.ops import ssm_ops
+from megatron.core.ssm.ops.causal_conv1d import conv_state_from_inputs
+from megatron.core.transformer.norm import LayerNormLinear, linear, scaled_init_std
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Mark parameters the optimizer must not decay (``dt_bias``, ``A_log``, ``D``)."""
+    for param in params:
+        param._no_weight_decay = True
+
+
+def init_dt_bias(dt_bias: torch.Tensor, config: TransformerConfig) -> None:
+    """dt ~ log-uniform in [dt_min, dt_max], floored at dt_init_floor, stored as softplus⁻¹(dt) in ``dt_bias``."""
+    with torch.no_grad():
+        low, high = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
+        dt = torch.exp(torch.rand_like(dt_bias, dtype=torch.float32) * (high - low) + low)
+        dt = dt.clamp(min=config.mamba_dt_init_floor)
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def causal_conv(
+    conv1d: nn.Conv1d, inputs: torch.Tensor, conv_state: torch.Tensor | None, continuing: bool
+) -> torch.Tensor:
+    """SiLU(causal depthwise conv) of inputs ``(b, channels, l)``; with a decode ``conv_state`` ``(b, channels, K)``
+    the conv starts from it when ``continuing`` and the state is updated to the last K inputs."""
+    ops = ssm_ops(inputs)
+    weight = conv1d.weight.squeeze(1)
+    width = weight.shape[-1]
+    initial = conv_state[..., 1:] if conv_state is not None and continuing else None
+    out = ops.conv(inputs, weight, conv1d.bias, initial_states=initial, activation="silu")
+    if conv_state is not None:
+        conv_state.copy_(conv_state_from_inputs(inputs, width, conv_state if continuing else None))
+    return out
+
+
+class MambaMixer(nn.Module):
+    """Mamba2 mixer with its pre-norm fused into ``in_proj``.
+
+    ``in_proj`` rows: ``[z (d_inner), x (d_inner), B (g*n), C (g*n), dt (nheads)]``; the conv runs over ``[x, B, C]``;
+    ``y = out_proj(GatedRMSNorm(ssd(x, dt, A, B, C) + D x, z))`` with ``A = -exp(A_log)`` and
+    ``dt = softplus(dt + dt_bias)``.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        self.d_inner = config.mamba_d_inner
+        self.nheads = config.mamba_nheads
+        self.headdim = config.mamba_head_dim
+        self.ngroups = config.mamba_num_groups
+        self.d_state = config.mamba_state_dim
+        self.chunk_size = config.mamba_chunk_size
+        self.conv_channels = self.d_inner + 2 * self.ngroups * self.d_state
+        dtype = config.params_dtype
+
+        self.in_proj = LayerNormLinear(config, config.hidden_size, self.d_inner + self.conv_channels + self.nheads,
+                                       bias=False, init_std=config.init_method_std)
+        # nn.Conv1d's default init is the specified one: kaiming-uniform(a=sqrt 5), bias U(±1/sqrt(d_conv)).
+        self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, config.mamba_d_conv,
+                                groups=self.conv_channels, bias=True, dtype=dtype)
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads, dtype=dtype))
+        init_dt_bias(self.dt_bias, config)
+        low, high = config.mamba_A_init_range
+        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads, dtype=torch.float32).uniform_(low, high)).to(dtype))
+        self.D = nn.Parameter(torch.ones(self.nheads, dtype=dtype))
+        no_weight_decay(self.dt_bias, self.A_log, self.D)
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, eps=1e-5, dtype=dtype)
+        self.out_proj = linear(config, self.d_inner, config.hidden_size, bias=False,
+                               init_std=scaled_init_std(config, residuals_per_layer=1))
+
+    def forward(self, hidden: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
+        """hidden ``(b, l, hidden)`` -> ``(b, l, hidden)``; with ``inference_params`` the conv/SSM states are read
+        (when continuing a sequence) and updated."""
+        b, length, _ = hidden.shape
+        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        conv_state = ssm_state = None
+        continuing = False
+        if inference_params is not None:
+            conv_state, ssm_state = inference_params.layer_state(
+                self.layer_number, lambda: self._allocate_states(hidden, inference_params.max_batch_size))
+            conv_state, ssm_state = conv_state[:b], ssm_state[:b]
+            continuing = inference_params.sequence_len_offset > 0
+            if continuing and length == 1:
+                return self._step(z, xbc, dt, A, conv_state, ssm_state)
+
+        xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), conv_state, continuing).transpose(1, 2)
+        x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = ssm_ops(hidden).chunk_scan(
+            x.reshape(b, length, self.nheads, self.headdim), dt, A,
+            B.reshape(b, length, self.ngroups, self.d_state), C.reshape(b, length, self.ngroups, self.d_state),
+            self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            initial_states=ssm_state if continuing else None, return_final_states=ssm_state is not None,
+        )
+        if ssm_state is not None:
+            y, final = y
+            ssm_state.copy_(final)
+        return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
+
+    def _step(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+              conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One decode step: z, xbc, dt of shape ``(b, 1, ·)``; states updated in place."""
+        b = z.shape[0]
+        ops = ssm_ops(z)
+        xbc = ops.conv_update(xbc[:, 0], conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = ops.state_update(
+            ssm_state, x.reshape(b, self.nheads, self.headdim), dt[:, 0], A,
+            B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
+            D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+        )
+        return self.out_proj(self.norm(y.reshape(b, 1, self.d_inner), z))
+
+    def _allocate_states(self, like: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        conv_state = like.new_zeros(batch, self.conv_channels, self.conv1d.kernel_size[0])
+        ssm_state = like.new_zeros(batch, self.nheads, self.headdim, self.d_state,
+                                   dtype=torch.promote_types(like.dtype, torch.float32))
+        return conv_state, ssm_state

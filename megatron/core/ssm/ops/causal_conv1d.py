@@ -1,0 +1,63 @@
+"""Depthwise causal 1-D convolution, the short convolution in front of every Mamba scan."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _activate(out: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation in ("silu", "swish"):
+        return F.silu(out)
+    if activation is None:
+        return out
+    raise ValueError(f"causal_conv1d: unsupported activation {activation!r} (use 'silu' or None)")
+
+
+def causal_conv1d_fn(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """Causal depthwise convolution: ``out[:, d, t] = bias[d] + sum_k weight[d, k] * x[:, d, t - K + 1 + k]``.
+
+    Shapes: x ``(b, d, l)``, weight ``(d, K)``, bias ``(d,)``, initial_states ``(b, d, K - 1)`` (the inputs before
+    ``t = 0``; zeros when None). Returns ``(b, d, l)``, after ``activation`` (``"silu"`` or None).
+    """
+    width = weight.shape[-1]
+    if initial_states is None:
+        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
+    else:
+        out = F.conv1d(torch.cat([initial_states.to(x.dtype), x], dim=-1), weight.unsqueeze(1), bias,
+                       groups=x.shape[1])
+    return _activate(out, activation)
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """One decoding step: shift ``x`` into ``conv_state`` (in place) and return the convolution at that step.
+
+    Shapes: x ``(b, d)``, conv_state ``(b, d, K)`` (the last K inputs, newest last), weight ``(d, K)``.
+    Returns ``(b, d)``.
+    """
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x.to(conv_state.dtype)
+    out = torch.einsum("bdk,dk->bd", conv_state, weight.to(conv_state.dtype))
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return _activate(out, activation).to(x.dtype)
+
+
+def conv_state_from_inputs(x: torch.Tensor, width: int, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """The decode conv state after a prefill: the last ``width`` inputs of ``x`` ``(b, d, l)``, preceded by the
+    ``previous`` state ``(b, d, width)`` (or zeros) when the prefill is shorter than the window."""
+    if previous is None:
+        previous = x.new_zeros(x.shape[0], x.shape[1], width)
+    return torch.cat([previous.to(x.dtype), x], dim=-1)[..., -width:]
