@@ -98,10 +98,11 @@ class MambaMixer(nn.Module):
 
         xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), conv_state, continuing).transpose(1, 2)
         x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ssm_ops(hidden).chunk_scan(
+        ops = ssm_ops(hidden)
+        y = ops.chunk_scan(
             x.reshape(b, length, self.nheads, self.headdim), dt, A,
             B.reshape(b, length, self.ngroups, self.d_state), C.reshape(b, length, self.ngroups, self.d_state),
-            self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
+            ops.chunk_size or self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             initial_states=ssm_state if continuing else None, return_final_states=ssm_state is not None,
         )
         if ssm_state is not None:

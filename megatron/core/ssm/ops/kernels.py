@@ -22,7 +22,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SSMOps:
-    """The five ops a Mamba mixer needs, all with the reference signatures of this package."""
+    """The five ops a Mamba mixer needs, all with the reference signatures of this package.
+
+    ``chunk_size``, when set, overrides the configured SSD chunk: the chunk changes only speed, never the result, and
+    the PyTorch reference is fastest on CPU at 64 (its intra-chunk work grows with the chunk) while the CUDA kernels
+    keep the configured one.
+    """
 
     name: str
     chunk_scan: Any
@@ -30,6 +35,7 @@ class SSMOps:
     conv: Any
     conv_update: Any
     selective_scan: Any
+    chunk_size: int | None = None
 
 
 REFERENCE = SSMOps(
@@ -39,6 +45,7 @@ REFERENCE = SSMOps(
     conv=causal_conv1d.causal_conv1d_fn,
     conv_update=causal_conv1d.causal_conv1d_update,
     selective_scan=selective_scan.selective_scan_fn,
+    chunk_size=64,
 )
 
 

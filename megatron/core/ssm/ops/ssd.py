@@ -37,6 +37,19 @@ def _skip_and_gate(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: 
     return y
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous, so the matmul backward behind it runs on a
+    dense layout instead of copying each small matrix of a permuted gradient."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def mamba_chunk_scan_combined(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -87,7 +100,8 @@ def _ssd_chunked(
     seq_idx: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The scan proper (no D, no gate). Axis names below: b batch, c chunk, q/s positions in a chunk, g group,
-    r head within its group, p head channel, n state."""
+    r head within its group, p head channel, n state; ``(rp)`` is r and p merged, so that the heads of a group
+    share one matmul against that group's B or C."""
     b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
@@ -100,12 +114,12 @@ def _ssd_chunked(
             seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
     c = (length + pad) // chunk
 
-    x = x.view(b, c, chunk, g, r, p).permute(0, 1, 3, 4, 2, 5)  # b c g r q p
     dt = dt.view(b, c, chunk, g, r).permute(0, 1, 3, 4, 2)  # b c g r q
-    B = B.view(b, c, chunk, g, n).permute(0, 1, 3, 2, 4)  # b c g q n
-    C = C.view(b, c, chunk, g, n).permute(0, 1, 3, 2, 4)  # b c g q n
-    x_dt = x * dt.unsqueeze(-1)
-    a_cum = torch.cumsum(dt * A.view(g, r, 1), dim=-1)  # b c g r q: log decay from chunk start, <= 0
+    # Matmul operands are made contiguous once: CPU batched matmul on permuted views is several times slower.
+    x_dt = (x.view(b, c, chunk, g, r, p).permute(0, 1, 3, 4, 2, 5) * dt.unsqueeze(-1)).contiguous()  # b c g r q p
+    B = B.view(b, c, chunk, g, n).transpose(2, 3).contiguous()  # b c g q n
+    C = C.view(b, c, chunk, g, n).transpose(2, 3).contiguous()  # b c g q n
+    a_cum = torch.cumsum(dt * A.view(g, r, 1), dim=-1)  # b c g r q: log decay from the chunk start, <= 0
 
     same_seq = None
     if seq_idx is not None:
@@ -117,40 +131,40 @@ def _ssd_chunked(
     mask = causal if same_seq is None else causal & same_seq[:, :, None, None]
     log_decay = (a_cum.unsqueeze(-1) - a_cum.unsqueeze(-2)).masked_fill(~mask, float("-inf"))
     scores = torch.matmul(C, B.transpose(-1, -2)).unsqueeze(3) * torch.exp(log_decay)  # b c g r q s
-    y = torch.matmul(scores, x_dt)  # b c g r q p
+    y_diag = _ContiguousGrad.apply(torch.matmul(scores, x_dt))  # b c g r q p
 
-    # 2. Each chunk's own contribution to the state at its end.
+    # 2. Each chunk's own contribution to the state at its end: sum_s exp(a_end - a_s) dt_s x_s B_sᵀ
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # b c g r q
     if same_seq is not None:
         decay_to_end = decay_to_end * same_seq[:, :, -1][:, :, None, None]  # only the chunk end's sequence
-    chunk_states = torch.matmul((x_dt * decay_to_end.unsqueeze(-1)).transpose(-1, -2), B.unsqueeze(3))  # b c g r p n
+    weighted = (x_dt * decay_to_end.unsqueeze(-1)).permute(0, 1, 2, 3, 5, 4).reshape(b, c, g, r * p, chunk)
+    chunk_states = torch.matmul(weighted, B)  # b c g (rp) n
 
-    # 3. Carry the state across chunks (few steps: length / chunk).
+    # 3. Carry the state across chunks: a short loop (length / chunk steps) over whole-chunk tensors.
     state = (
-        initial_states.to(x.dtype).view(b, g, r, p, n)
+        initial_states.to(x.dtype).reshape(b, g, r * p, n)
         if initial_states is not None
-        else x.new_zeros(b, g, r, p, n)
+        else x.new_zeros(b, g, r * p, n)
     )
-    chunk_decay = torch.exp(a_cum[..., -1])  # b c g r
-    starts = []
-    for ci in range(c):
-        if seq_idx is not None:
-            prev = seq_idx[:, ci * chunk - 1] if ci > 0 else torch.zeros_like(seq_idx[:, 0])
-            keep = (seq_idx[:, ci * chunk + chunk - 1] == prev).to(x.dtype).view(b, 1, 1, 1, 1)
-            start_mask = (seq_idx[:, ci * chunk : (ci + 1) * chunk] == prev.unsqueeze(1)).to(x.dtype)
-            starts.append((state, start_mask))
-            state = state * chunk_decay[:, ci, ..., None, None] * keep + chunk_states[:, ci]
-        else:
-            starts.append((state, None))
-            state = state * chunk_decay[:, ci, ..., None, None] + chunk_states[:, ci]
+    chunk_decay = torch.exp(a_cum[..., -1]).repeat_interleave(p, dim=-1).unsqueeze(-1)  # b c g (rp) 1
+    if seq_idx is not None:
+        ends = seq_idx[:, chunk - 1 :: chunk]  # b c: sequence id at each chunk end
+        starts_id = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)  # id carried into each chunk
+        chunk_decay = chunk_decay * (ends == starts_id).to(x.dtype)[:, :, None, None, None]
+    start_states = []
+    for decay, contribution in zip(chunk_decay.unbind(1), chunk_states.unbind(1), strict=True):
+        start_states.append(state)
+        state = state * decay + contribution
 
     # 4. The carried-in state read out at every position: y_q += exp(a_q) C_q · state_start
-    start_states = torch.stack([s for s, _ in starts], dim=1)  # b c g r p n
-    y_carry = torch.matmul(C.unsqueeze(3), start_states.transpose(-1, -2)) * torch.exp(a_cum).unsqueeze(-1)
+    carried = torch.stack(start_states, dim=1)  # b c g (rp) n
+    y_carry = _ContiguousGrad.apply(torch.matmul(C, carried.transpose(-1, -2))).view(b, c, g, chunk, r, p)
+    carry_decay = torch.exp(a_cum).permute(0, 1, 2, 4, 3)  # b c g q r
     if seq_idx is not None:
-        start_mask = torch.stack([m for _, m in starts], dim=1)  # b c q
-        y_carry = y_carry * start_mask[:, :, None, None, :, None]
-    y = (y + y_carry).permute(0, 1, 4, 2, 3, 5).reshape(b, c * chunk, h, p)[:, :length]
+        carry_decay = carry_decay * (idx == starts_id.unsqueeze(-1)).to(x.dtype)[:, :, None, :, None]
+    y_carry = y_carry * carry_decay.unsqueeze(-1)
+    y = y_diag.permute(0, 1, 4, 2, 3, 5) + y_carry.permute(0, 1, 3, 2, 4, 5)  # b c q g r p
+    y = y.reshape(b, c * chunk, h, p)[:, :length]
     return y, state.reshape(b, h, p, n)
 
 
