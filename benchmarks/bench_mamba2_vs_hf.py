@@ -18,13 +18,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from transformers import Mamba2Config, Mamba2ForCausalLM  # noqa: E402
+import torch
+from transformers import Mamba2Config, Mamba2ForCausalLM
 
-from megatron.core.inference.generation import greedy_generate  # noqa: E402
-from megatron.core.models.hybrid import HybridModel  # noqa: E402
-from megatron.core.models.hybrid.hf_conversion import mamba2_from_hf  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.inference.generation import greedy_generate
+from megatron.core.models.hybrid import HybridModel
+from megatron.core.models.hybrid.hf_conversion import mamba2_from_hf
+from megatron.core.transformer import TransformerConfig
 
 
 def parse_args() -> argparse.Namespace:

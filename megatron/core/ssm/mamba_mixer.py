@@ -73,7 +73,8 @@ class MambaMixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.nheads, dtype=dtype))
         init_dt_bias(self.dt_bias, config)
         low, high = config.mamba_A_init_range
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads, dtype=torch.float32).uniform_(low, high)).to(dtype))
+        a_init = torch.empty(self.nheads, dtype=torch.float32).uniform_(low, high)
+        self.A_log = nn.Parameter(torch.log(a_init).to(dtype))
         self.D = nn.Parameter(torch.ones(self.nheads, dtype=dtype))
         no_weight_decay(self.dt_bias, self.A_log, self.D)
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, eps=1e-5, dtype=dtype)

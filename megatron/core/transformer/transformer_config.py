@@ -98,14 +98,19 @@ class TransformerConfig:
                 f"need 0 < mamba_dt_min <= mamba_dt_max, got {self.mamba_dt_min}, {self.mamba_dt_max}")
         low, high = self.mamba_A_init_range
         require(0 < low <= high, f"mamba_A_init_range must satisfy 0 < low <= high, got {self.mamba_A_init_range}")
-        if self.mamba_version == 2:
-            require(self.mamba_d_inner % self.mamba_head_dim == 0,
-                    f"Mamba inner width {self.mamba_d_inner} is not divisible by mamba_head_dim {self.mamba_head_dim}")
-            require(self.mamba_nheads % self.mamba_num_groups == 0,
-                    f"Mamba head count {self.mamba_nheads} is not divisible by mamba_num_groups "
-                    f"{self.mamba_num_groups}")
         if self.mamba1_dt_rank is None:
             self.mamba1_dt_rank = math.ceil(self.hidden_size / 16)
+
+    def validate_mamba(self) -> None:
+        """Check the Mamba2 shape constraints (called by models that hold Mamba layers); ``ValueError`` if broken."""
+        if self.mamba_version != 2:
+            return
+        if self.mamba_d_inner % self.mamba_head_dim:
+            raise ValueError(f"TransformerConfig: Mamba inner width {self.mamba_d_inner} is not divisible by "
+                             f"mamba_head_dim {self.mamba_head_dim}")
+        if self.mamba_nheads % self.mamba_num_groups:
+            raise ValueError(f"TransformerConfig: Mamba head count {self.mamba_nheads} is not divisible by "
+                             f"mamba_num_groups {self.mamba_num_groups}")
 
     @property
     def mamba_d_inner(self) -> int:

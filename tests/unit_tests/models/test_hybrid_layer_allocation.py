@@ -20,7 +20,7 @@ from megatron.core.models.hybrid.hybrid_layer_allocation import (
         (4, 0.0, 1.0, "----"),
         (1, 0.0, 0.0, "M"),
         (1, 1.0, 0.0, "*"),
-        (6, 0.5, 0.5, "-*-*-*"),
+        (6, 0.5, 0.5, "-*-**-"),  # step 0.75 places * at 1, 3, 4; then every M becomes -
     ],
 )
 def test_pattern_from_ratios(num_layers, attention, mlp, expected):

@@ -25,7 +25,8 @@ def sequential_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial=None, s
             state = state * (seq_idx[:, t] == previous).to(x.dtype).view(b, 1, 1, 1)
         Bt = B[:, t].repeat_interleave(h // g, dim=1)
         Ct = C[:, t].repeat_interleave(h // g, dim=1)
-        state = torch.exp(dt[:, t] * A)[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None]
+        decay = torch.exp(dt[:, t] * A)[..., None, None]
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None]
         y = (state * Ct[:, :, None]).sum(-1)
         if D is not None:
             y = y + (D[:, None] if D.dim() == 1 else D) * x[:, t]

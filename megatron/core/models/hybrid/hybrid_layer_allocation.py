@@ -4,7 +4,8 @@ A hybrid stack is written as a pattern string, one symbol per layer: ``M`` a Mam
 ``-`` an MLP layer, and ``|`` a pipeline-stage boundary (not a layer). The pattern comes from one of three places,
 exactly as in Megatron-LM so that published configurations reproduce:
 
-* ratios (``--hybrid-attention-ratio`` / ``--hybrid-mlp-ratio``) spread over ``--num-layers`` by :func:`pattern_from_ratios`;
+* ratios (``--hybrid-attention-ratio`` / ``--hybrid-mlp-ratio``) spread over ``--num-layers``
+  by :func:`pattern_from_ratios`;
 * an override pattern (``--hybrid-override-pattern``) of length ``num_layers`` that must agree with non-zero ratios;
 * a layer pattern (``--hybrid-layer-pattern``) that may hold ``|`` and from which ``num_layers`` is derived.
 

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from megatron.core.inference_params import InferenceParams
-from megatron.core.models.hybrid.hybrid_layer_allocation import ATTENTION, MAMBA, MLP
+from megatron.core.models.hybrid import hybrid_layer_allocation as symbols
 from megatron.core.ssm.mamba1_mixer import Mamba1Mixer
 from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.transformer.attention import SelfAttention
-from megatron.core.transformer.mlp import MLP as MLPBlock
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 Rotary = tuple[torch.Tensor, torch.Tensor] | None
@@ -54,7 +54,7 @@ class MLPLayer(nn.Module):
 
     def __init__(self, config: TransformerConfig, layer_number: int) -> None:
         super().__init__()
-        self.mlp = MLPBlock(config)
+        self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
@@ -63,4 +63,6 @@ class MLPLayer(nn.Module):
         return hidden + self.dropout(self.mlp(hidden))
 
 
-LAYER_TYPES: dict[str, type[nn.Module]] = {MAMBA: MambaLayer, ATTENTION: TransformerLayer, MLP: MLPLayer}
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    symbols.MAMBA: MambaLayer, symbols.ATTENTION: TransformerLayer, symbols.MLP: MLPLayer,
+}

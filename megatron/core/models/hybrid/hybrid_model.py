@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.models.hybrid.hybrid_block import HybridStack
 from megatron.core.models.hybrid.hybrid_layer_allocation import (
     ATTENTION,
+    MAMBA,
     resolve_hybrid_pattern,
     strip_stage_boundaries,
 )
@@ -60,10 +63,12 @@ class HybridModel(nn.Module):
             override_pattern=hybrid_override_pattern, layer_pattern=hybrid_layer_pattern,
         )
         self.hybrid_pattern = strip_stage_boundaries(pattern)
-        if not config.num_layers:
-            config.num_layers = len(self.hybrid_pattern)
+        if not config.num_layers:  # taken from the pattern; the caller's config is left untouched
+            config = dataclasses.replace(config, num_layers=len(self.hybrid_pattern))
         if ATTENTION in self.hybrid_pattern and config.num_attention_heads <= 0:
             raise ValueError("the layer pattern has attention layers ('*') but num_attention_heads is 0")
+        if MAMBA in self.hybrid_pattern:
+            config.validate_mamba()
 
         self.config = config
         self.vocab_size = vocab_size

@@ -91,7 +91,7 @@ def _log_choice(name: str) -> None:
 
 
 def ssm_ops(like: torch.Tensor) -> SSMOps:
-    """The ops to use for tensors like ``like``: the CUDA kernels for CUDA tensors when available, else the reference."""
+    """The ops for tensors like ``like``: the CUDA kernels for CUDA tensors when available, else the reference."""
     ops = REFERENCE
     if like.is_cuda and os.environ.get("MEGATRON_SSM_KERNELS", "auto") != "reference":
         ops = _cuda_ops() or REFERENCE

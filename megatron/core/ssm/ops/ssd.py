@@ -76,8 +76,7 @@ def mamba_chunk_scan_combined(
     float64). Returns y ``(b, l, h, p)`` in x's dtype, and with ``return_final_states`` also the state after the last
     step, ``(b, h, p, n)`` in the compute dtype.
     """
-    batch, length, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[2], B.shape[3]
+    nheads, ngroups = x.shape[2], B.shape[2]
     if nheads % ngroups:
         raise ValueError(f"mamba_chunk_scan_combined: {nheads} heads are not divisible by {ngroups} groups")
     compute = torch.promote_types(x.dtype, torch.float32)
