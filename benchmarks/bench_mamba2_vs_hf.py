@@ -54,7 +54,7 @@ def build_models(args: argparse.Namespace) -> tuple[Mamba2ForCausalLM, HybridMod
     hf_config = Mamba2Config(
         hidden_size=args.hidden, num_hidden_layers=args.layers, num_heads=args.heads, head_dim=args.head_dim,
         n_groups=args.groups, state_size=args.state, vocab_size=args.vocab,
-        expand=args.heads * args.head_dim / args.hidden, chunk_size=128, tie_word_embeddings=True,
+        expand=args.heads * args.head_dim // args.hidden, chunk_size=128, tie_word_embeddings=True,
         layer_norm_epsilon=1e-5,
     )
     hf = Mamba2ForCausalLM(hf_config)

@@ -48,7 +48,7 @@ class Mamba1Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """hidden ``(b, l, hidden)`` -> ``(b, l, hidden)``; states read/updated as for the Mamba2 mixer."""
         b, length, _ = hidden.shape
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
+        x, z = self.in_proj(hidden, inference_params).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
         A = -torch.exp(self.A_log.float())
         conv_state = ssm_state = None
         continuing = False
@@ -58,7 +58,8 @@ class Mamba1Mixer(nn.Module):
             conv_state, ssm_state = conv_state[:b], ssm_state[:b]
             continuing = inference_params.sequence_len_offset > 0
             if continuing and length == 1:
-                return self._step(x[..., 0], z[..., 0], A, conv_state, ssm_state)
+                return self.out_proj(self._step(x[..., 0], z[..., 0], A, conv_state, ssm_state).unsqueeze(1),
+                                     inference_params)
 
         x = causal_conv(self.conv1d, x, conv_state, continuing)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -75,12 +76,12 @@ class Mamba1Mixer(nn.Module):
 
     def _step(self, x: torch.Tensor, z: torch.Tensor, A: torch.Tensor, conv_state: torch.Tensor,
               ssm_state: torch.Tensor) -> torch.Tensor:
-        """One decode step: x, z ``(b, d_inner)``; states updated in place. Returns ``(b, 1, hidden)``."""
+        """One decode step up to the gate: x, z ``(b, d_inner)`` -> ``(b, d_inner)``; states updated in place."""
         x = ssm_ops(x).conv_update(x, conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = selective_scan_step(ssm_state, x, dt @ self.dt_proj.weight.t(), A, B, C, self.D, z,
                                 delta_bias=self.dt_proj.bias, delta_softplus=True)
-        return self.out_proj(y).unsqueeze(1)
+        return y
 
     def _allocate_states(self, like: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         conv_state = like.new_zeros(batch, self.d_inner, self.conv1d.kernel_size[0])

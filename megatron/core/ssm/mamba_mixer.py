@@ -85,7 +85,8 @@ class MambaMixer(nn.Module):
         """hidden ``(b, l, hidden)`` -> ``(b, l, hidden)``; with ``inference_params`` the conv/SSM states are read
         (when continuing a sequence) and updated."""
         b, length, _ = hidden.shape
-        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        z, xbc, dt = self.in_proj(hidden, inference_params).split(
+            [self.d_inner, self.conv_channels, self.nheads], dim=-1)
         A = -torch.exp(self.A_log.float())
         conv_state = ssm_state = None
         continuing = False
@@ -95,7 +96,7 @@ class MambaMixer(nn.Module):
             conv_state, ssm_state = conv_state[:b], ssm_state[:b]
             continuing = inference_params.sequence_len_offset > 0
             if continuing and length == 1:
-                return self._step(z, xbc, dt, A, conv_state, ssm_state)
+                return self.out_proj(self._step(z, xbc, dt, A, conv_state, ssm_state), inference_params)
 
         xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), conv_state, continuing).transpose(1, 2)
         x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
@@ -113,7 +114,8 @@ class MambaMixer(nn.Module):
 
     def _step(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
               conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One decode step: z, xbc, dt of shape ``(b, 1, ·)``; states updated in place."""
+        """One decode step up to the gated norm: z, xbc, dt of shape ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states
+        updated in place."""
         b = z.shape[0]
         ops = ssm_ops(z)
         xbc = ops.conv_update(xbc[:, 0], conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
@@ -123,7 +125,7 @@ class MambaMixer(nn.Module):
             B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )
-        return self.out_proj(self.norm(y.reshape(b, 1, self.d_inner), z))
+        return self.norm(y.reshape(b, 1, self.d_inner), z)
 
     def _allocate_states(self, like: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         conv_state = like.new_zeros(batch, self.conv_channels, self.conv1d.kernel_size[0])

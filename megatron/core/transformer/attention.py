@@ -43,7 +43,7 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """hidden ``(b, s, hidden)`` -> ``(b, s, hidden)``. ``rotary`` is (cos, sin) for these positions."""
         b, s, _ = hidden.shape
-        qkv = self.linear_qkv(hidden).view(b, s, self.num_groups, -1, self.head_dim)
+        qkv = self.linear_qkv(hidden, inference_params).view(b, s, self.num_groups, -1, self.head_dim)
         query = qkv[:, :, :, :-2].reshape(b, s, self.num_heads, self.head_dim)
         key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if rotary is not None:
@@ -60,7 +60,7 @@ class SelfAttention(nn.Module):
             is_causal=offset == 0 and s > 1,
             enable_gqa=self.num_groups != self.num_heads,
         )
-        return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim), inference_params)
 
     def _update_kv_cache(
         self, inference_params: InferenceParams, key: torch.Tensor, value: torch.Tensor, offset: int

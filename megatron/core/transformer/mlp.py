@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megatron.core.inference_params import InferenceParams
 from megatron.core.transformer.norm import LayerNormLinear, linear, scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -23,12 +24,12 @@ class MLP(nn.Module):
         self.linear_fc2 = linear(config, ffn, config.hidden_size, bias=config.add_bias_linear,
                                  init_std=scaled_init_std(config))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """``(b, s, hidden) -> (b, s, hidden)``."""
-        intermediate = self.linear_fc1(hidden)
+        intermediate = self.linear_fc1(hidden, inference_params)
         if self.gated:
             gate, up = intermediate.chunk(2, dim=-1)
             intermediate = self.activation(gate) * up
         else:
             intermediate = self.activation(intermediate)
-        return self.linear_fc2(intermediate)
+        return self.linear_fc2(intermediate, inference_params)

@@ -60,7 +60,7 @@ class MLPLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
                 inference_params: InferenceParams | None = None) -> torch.Tensor:
         """``(b, s, hidden) -> (b, s, hidden)``."""
-        return hidden + self.dropout(self.mlp(hidden))
+        return hidden + self.dropout(self.mlp(hidden, inference_params))
 
 
 LAYER_TYPES: dict[str, type[nn.Module]] = {

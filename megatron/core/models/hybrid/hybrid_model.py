@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.inference_params import InferenceParams
@@ -19,6 +18,8 @@ from megatron.core.models.hybrid.hybrid_layer_allocation import (
     strip_stage_boundaries,
 )
 from megatron.core.models.hybrid.state_dict_compat import upgrade_state_dict
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.transformer.norm import decode_linear
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 POSITION_EMBEDDING_TYPES = ("none", "rope", "learned_absolute")
@@ -121,7 +122,7 @@ class HybridModel(nn.Module):
         if inference_params is not None:
             inference_params.check_room(b, s)
             offset = inference_params.sequence_len_offset
-        if position_ids is None:
+        if position_ids is None and self.position_embedding_type != "none":
             position_ids = torch.arange(offset, offset + s, device=input_ids.device).unsqueeze(0).expand(b, s)
         if offset + s > self.max_sequence_length and self.position_embedding_type == "learned_absolute":
             raise ValueError(f"sequence of {offset + s} tokens exceeds max_sequence_length {self.max_sequence_length}")
@@ -139,10 +140,10 @@ class HybridModel(nn.Module):
         if not self.post_process:
             return hidden
 
-        logits = F.linear(hidden, self.output_weight())
+        logits = decode_linear(hidden, self.output_weight(), None, inference_params)
         if labels is None:
             return logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(b, s)
+        return vocab_parallel_cross_entropy(logits, labels)
 
 
 def _upgrade_keys_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:

@@ -26,13 +26,11 @@ def causal_conv1d_fn(
     Shapes: x ``(b, d, l)``, weight ``(d, K)``, bias ``(d,)``, initial_states ``(b, d, K - 1)`` (the inputs before
     ``t = 0``; zeros when None). Returns ``(b, d, l)``, after ``activation`` (``"silu"`` or None).
     """
-    width = weight.shape[-1]
-    if initial_states is None:
-        out = F.conv1d(x, weight.unsqueeze(1), bias, padding=width - 1, groups=x.shape[1])[..., : x.shape[-1]]
-    else:
-        out = F.conv1d(torch.cat([initial_states.to(x.dtype), x], dim=-1), weight.unsqueeze(1), bias,
-                       groups=x.shape[1])
-    return _activate(out, activation)
+    # Left-pad and convolve without padding: the output is exactly l long and contiguous (slicing a symmetric
+    # padding's output would leave a strided tensor that makes the activation and its backward much slower).
+    history = F.pad(x, (weight.shape[-1] - 1, 0)) if initial_states is None else torch.cat(
+        [initial_states.to(x.dtype), x], dim=-1)
+    return _activate(F.conv1d(history, weight.unsqueeze(1), bias, groups=x.shape[1]), activation)
 
 
 def causal_conv1d_update(
@@ -47,11 +45,11 @@ def causal_conv1d_update(
     Shapes: x ``(b, d)``, conv_state ``(b, d, K)`` (the last K inputs, newest last), weight ``(d, K)``.
     Returns ``(b, d)``.
     """
-    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-    conv_state[:, :, -1] = x.to(conv_state.dtype)
-    out = torch.einsum("bdk,dk->bd", conv_state, weight.to(conv_state.dtype))
+    window = torch.cat([conv_state[:, :, 1:], x.to(conv_state.dtype).unsqueeze(-1)], dim=-1)
+    conv_state.copy_(window)
+    out = (window * weight.to(window.dtype)).sum(-1)
     if bias is not None:
-        out = out + bias.to(out.dtype)
+        out += bias.to(out.dtype)
     return _activate(out, activation).to(x.dtype)
 
 

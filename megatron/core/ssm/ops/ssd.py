@@ -163,8 +163,8 @@ def _ssd_chunked(
         carry_decay = carry_decay * (idx == starts_id.unsqueeze(-1)).to(x.dtype)[:, :, None, :, None]
     y_carry = y_carry * carry_decay.unsqueeze(-1)
     y = y_diag.permute(0, 1, 4, 2, 3, 5) + y_carry.permute(0, 1, 3, 2, 4, 5)  # b c q g r p
-    y = y.reshape(b, c * chunk, h, p)[:, :length]
-    return y, state.reshape(b, h, p, n)
+    y = y.reshape(b, c * chunk, h, p)
+    return (y[:, :length] if pad else y), state.reshape(b, h, p, n)
 
 
 def selective_state_update(
@@ -188,9 +188,9 @@ def selective_state_update(
     g, n = B.shape[1], B.shape[2]
     compute = state.dtype
     dt = _prepare_dt(dt.to(compute), dt_bias, dt_softplus, (0.0, float("inf")))
-    decay = torch.exp(dt * A.to(compute))  # b h
+    xc = x.to(compute)
     grouped = state.view(b, g, h // g, p, n)
-    x_dt = (x.to(compute) * dt.unsqueeze(-1)).view(b, g, h // g, p, 1)
-    grouped.mul_(decay.view(b, g, h // g, 1, 1)).add_(x_dt * B.to(compute).view(b, g, 1, 1, n))
+    grouped.mul_(torch.exp(dt * A.to(compute)).view(b, g, h // g, 1, 1))
+    grouped.addcmul_((xc * dt.unsqueeze(-1)).view(b, g, h // g, p, 1), B.to(compute).view(b, g, 1, 1, n))
     y = torch.matmul(grouped, C.to(compute).view(b, g, 1, n, 1)).view(b, h, p)
-    return _skip_and_gate(y, x.to(compute), D, z).to(x.dtype)
+    return _skip_and_gate(y, xc, D, z).to(x.dtype)

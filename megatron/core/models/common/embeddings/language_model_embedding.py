@@ -26,8 +26,8 @@ class LanguageModelEmbedding(nn.Module):
             nn.init.normal_(self.position_embeddings.weight, std=config.init_method_std)
         self.embedding_dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids, position_ids ``(b, s)`` -> ``(b, s, hidden)``."""
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """input_ids, position_ids ``(b, s)`` -> ``(b, s, hidden)`` (positions are used by learned_absolute only)."""
         embeddings = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
             embeddings = embeddings + self.position_embeddings(position_ids)
