@@ -11,6 +11,7 @@ from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
 from megatron.core.ssm.ops import ssm_ops
 from megatron.core.ssm.ops.causal_conv1d import conv_state_from_inputs
+from megatron.core.ssm.ops.cpu_kernels import mamba2_decode_step_kernel
 from megatron.core.transformer.norm import LayerNormLinear, linear, scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -85,9 +86,7 @@ class MambaMixer(nn.Module):
         """hidden ``(b, l, hidden)`` -> ``(b, l, hidden)``; with ``inference_params`` the conv/SSM states are read
         (when continuing a sequence) and updated."""
         b, length, _ = hidden.shape
-        z, xbc, dt = self.in_proj(hidden, inference_params).split(
-            [self.d_inner, self.conv_channels, self.nheads], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        zxbcdt = self.in_proj(hidden, inference_params)
         conv_state = ssm_state = None
         continuing = False
         if inference_params is not None:
@@ -96,8 +95,10 @@ class MambaMixer(nn.Module):
             conv_state, ssm_state = conv_state[:b], ssm_state[:b]
             continuing = inference_params.sequence_len_offset > 0
             if continuing and length == 1:
-                return self.out_proj(self._step(z, xbc, dt, A, conv_state, ssm_state), inference_params)
+                return self.out_proj(self._step(zxbcdt, conv_state, ssm_state), inference_params)
 
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        A = -torch.exp(self.A_log.float())
         xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), conv_state, continuing).transpose(1, 2)
         x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         ops = ssm_ops(hidden)
@@ -112,12 +113,17 @@ class MambaMixer(nn.Module):
             ssm_state.copy_(final)
         return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
 
-    def _step(self, z: torch.Tensor, xbc: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
-              conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-        """One decode step up to the gated norm: z, xbc, dt of shape ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states
-        updated in place."""
-        b = z.shape[0]
-        ops = ssm_ops(z)
+    def _step(self, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """One decode step up to the gated norm: the in_proj output ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states
+        updated in place. Uses the fused CPU step when it is available (inference only)."""
+        b = zxbcdt.shape[0]
+        kernel = mamba2_decode_step_kernel(zxbcdt) if not torch.is_grad_enabled() else None
+        if kernel is not None:
+            return kernel(zxbcdt[:, 0], conv_state, ssm_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                          self.A_log, self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps).unsqueeze(1)
+        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+        A = -torch.exp(self.A_log.float())
+        ops = ssm_ops(zxbcdt)
         xbc = ops.conv_update(xbc[:, 0], conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         y = ops.state_update(

@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from megatron.core.models.hybrid import HybridModel
-from megatron.core.models.hybrid.hf_conversion import llama_from_hf, mamba1_from_hf, mamba2_from_hf
+from megatron.core.models.hybrid.hf_conversion import MAMBA1_MIXER_TENSORS, llama_from_hf, mamba_from_hf
 from megatron.core.transformer import TransformerConfig
 
 from .helpers import randomize_
@@ -27,7 +27,7 @@ def test_pure_mamba2_equals_hf_mamba2(tied):
                                mamba_state_dim=16, mamba_chunk_size=16, normalization="RMSNorm",
                                layernorm_epsilon=1e-5, hidden_dropout=0.0, attention_dropout=0.0)
     ours = HybridModel(config, 101, 128, share_embeddings_and_output_weights=tied).eval()
-    ours.load_state_dict(mamba2_from_hf(hf.state_dict(), 3))
+    ours.load_state_dict(mamba_from_hf(hf.state_dict(), 3))
     tokens = torch.randint(0, 101, (2, 45))  # not a multiple of the chunk
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=TOL, rtol=TOL)
@@ -40,7 +40,7 @@ def test_pure_mamba1_equals_hf_mamba():
     config = TransformerConfig(num_layers=2, hidden_size=32, mamba_version=1, mamba_state_dim=8, mamba_expand=2,
                                mamba1_dt_rank=4, normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0)
     ours = HybridModel(config, 77, 64).eval()
-    ours.load_state_dict(mamba1_from_hf(hf.state_dict(), 2))
+    ours.load_state_dict(mamba_from_hf(hf.state_dict(), 2, MAMBA1_MIXER_TENSORS))
     tokens = torch.randint(0, 77, (2, 19))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=TOL, rtol=TOL)

@@ -11,9 +11,16 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 
-def mamba2_from_hf(hf: StateDict, num_layers: int) -> StateDict:
-    """``Mamba2ForCausalLM`` -> a pure-``M`` hybrid. The HF per-layer ``norm`` is our fused ``in_proj`` pre-norm;
-    every mixer tensor keeps its name and layout. ``output_layer.weight`` is omitted when HF ties it."""
+MAMBA2_MIXER_TENSORS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
+                         "out_proj.weight")
+MAMBA1_MIXER_TENSORS = ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
+                        "dt_proj.bias", "A_log", "D", "out_proj.weight")
+
+
+def mamba_from_hf(hf: StateDict, num_layers: int, mixer_tensors: tuple[str, ...] = MAMBA2_MIXER_TENSORS) -> StateDict:
+    """``Mamba2ForCausalLM`` (or, with ``MAMBA1_MIXER_TENSORS``, Mamba1's ``MambaForCausalLM``) -> a pure-``M``
+    hybrid. The HF per-layer ``norm`` is our fused ``in_proj`` pre-norm; every mixer tensor keeps its name and
+    layout. ``output_layer.weight`` is omitted when HF ties it."""
     out = {
         "embedding.word_embeddings.weight": hf["backbone.embeddings.weight"],
         "decoder.final_norm.weight": hf["backbone.norm_f.weight"],
@@ -21,24 +28,7 @@ def mamba2_from_hf(hf: StateDict, num_layers: int) -> StateDict:
     for i in range(num_layers):
         src, dst = f"backbone.layers.{i}.", f"decoder.layers.{i}.mixer."
         out[dst + "in_proj.layer_norm_weight"] = hf[src + "norm.weight"]
-        for name in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
-                     "out_proj.weight"):
-            out[dst + name] = hf[src + "mixer." + name]
-    _copy_untied_head(hf, out)
-    return out
-
-
-def mamba1_from_hf(hf: StateDict, num_layers: int) -> StateDict:
-    """``MambaForCausalLM`` (Mamba1) -> a pure-``M`` hybrid with ``mamba_version=1``."""
-    out = {
-        "embedding.word_embeddings.weight": hf["backbone.embeddings.weight"],
-        "decoder.final_norm.weight": hf["backbone.norm_f.weight"],
-    }
-    for i in range(num_layers):
-        src, dst = f"backbone.layers.{i}.", f"decoder.layers.{i}.mixer."
-        out[dst + "in_proj.layer_norm_weight"] = hf[src + "norm.weight"]
-        for name in ("in_proj.weight", "conv1d.weight", "conv1d.bias", "x_proj.weight", "dt_proj.weight",
-                     "dt_proj.bias", "A_log", "D", "out_proj.weight"):
+        for name in mixer_tensors:
             out[dst + name] = hf[src + "mixer." + name]
     _copy_untied_head(hf, out)
     return out

@@ -1,0 +1,41 @@
+"""The fused C++ decode step against the composed PyTorch reference ops (float32: op order differs, so agreement is
+to 1e-5; several steps so state errors would compound)."""
+
+import os
+
+import pytest
+import torch
+
+from megatron.core.inference_params import InferenceParams
+from megatron.core.ssm.ops.cpu_kernels import mamba2_decode_step_kernel
+
+from ..models.helpers import randomize_, tiny_model
+
+pytestmark = pytest.mark.skipif(os.environ.get("MEGATRON_CPU_KERNELS") == "0", reason="CPU kernels disabled")
+
+
+def run_decode(model, tokens, steps):
+    params = InferenceParams(tokens.shape[0], tokens.shape[1] + steps)
+    with torch.inference_mode():
+        model(tokens, inference_params=params)
+        params.advance(tokens.shape[1])
+        outputs = []
+        for t in range(steps):
+            outputs.append(model(tokens[:, t : t + 1], inference_params=params))
+            params.advance(1)
+    return torch.cat(outputs, dim=1)
+
+
+def test_fused_step_matches_reference(monkeypatch):
+    assert mamba2_decode_step_kernel(torch.zeros(1)) is not None, "the fused step should build on this machine"
+    model = randomize_(tiny_model("M-M*M", mamba_num_groups=2, mamba_head_dim=8, mamba_state_dim=12)).eval()
+    tokens = torch.randint(0, 61, (3, 11))
+    fused = run_decode(model, tokens, 6)
+    monkeypatch.setattr("megatron.core.ssm.mamba_mixer.mamba2_decode_step_kernel", lambda like: None)
+    reference = run_decode(model, tokens, 6)
+    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_not_used_for_other_dtypes_or_devices():
+    assert mamba2_decode_step_kernel(torch.zeros(1, dtype=torch.float64)) is None
+    assert mamba2_decode_step_kernel(torch.zeros(1, device="meta")) is None
