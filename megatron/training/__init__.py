@@ -1,0 +1,1 @@
+"""Training: arguments, tokenizers, the pretraining loop and checkpoints."""
