@@ -19,7 +19,8 @@ from megatron.training.training import pretrain
 COMMON = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--normalization", "RMSNorm", "--disable-bias-linear",
           "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--eval-iters", "0",
           "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--position-embedding-type", "none",
-          "--distributed-backend", "gloo"]
+          # Samples cost ~0.1 ms: worker processes would only compete with compute for 2 cores.
+          "--num-workers", "0", "--distributed-backend", "gloo"]
 CONFIGS = {
     "tiny": ["--num-layers", "4", "--hybrid-attention-ratio", "0.25", "--hybrid-mlp-ratio", "0.25",
              "--hidden-size", "128", "--num-attention-heads", "4", "--mamba-head-dim", "32", "--mamba-num-groups", "2",

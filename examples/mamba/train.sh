@@ -5,7 +5,7 @@
 #   bash examples/mamba/train.sh CHECKPOINT_DIR TENSORBOARD_DIR DATA_PREFIX TOKENIZER_MODEL   # 800M / 8B
 #
 # MODEL_SCALE=tiny|800M|8B (default tiny). The tiny scale prepares its own corpus (Python's standard-library
-# docstrings), trains a 4-layer hybrid for 60 iterations on CPU, evaluates, and saves a checkpoint in ./checkpoints/tiny.
+# docstrings), trains a 4-layer hybrid for 200 iterations on CPU, evaluates, and saves a checkpoint in ./checkpoints/tiny.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL_SCALE=${MODEL_SCALE:-tiny}
@@ -22,13 +22,13 @@ if [ "$MODEL_SCALE" = tiny ]; then
         --seq-length 128 --max-position-embeddings 128 --position-embedding-type none \
         --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights \
         --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02 \
-        --micro-batch-size 8 --global-batch-size 16 --train-iters 60 \
-        --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 6 --weight-decay 0.1 --clip-grad 1.0 \
+        --micro-batch-size 8 --global-batch-size 16 --train-iters 200 \
+        --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20 --weight-decay 0.1 --clip-grad 1.0 \
         --adam-beta1 0.9 --adam-beta2 0.95 --seed 1234 \
         --data-path "$DATA_DIR/corpus_text_document" --split 95,5,0 --data-cache-path "$DATA_DIR/index_cache" \
         --tokenizer-type HuggingFaceTokenizer --tokenizer-model "$DATA_DIR/tokenizer" \
-        --log-interval 5 --eval-interval 30 --eval-iters 4 --save "$CHECKPOINT_DIR" --save-interval 30 \
-        --distributed-backend gloo
+        --log-interval 10 --eval-interval 50 --eval-iters 4 --save "$CHECKPOINT_DIR" --save-interval 100 \
+        --num-workers 0 --distributed-backend gloo
 fi
 
 if [ $# -ne 4 ]; then
