@@ -84,7 +84,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(directory: str | Path, iteration: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, scheduler: Any | None, args: argparse.Namespace,
-                    tp_rank: int = 0, pp_rank: int = 0) -> Path:
+                    tp_rank: int = 0, pp_rank: int = 0, grad_scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write this rank's checkpoint for ``iteration`` and point the tracker at it; returns the file written.
 
     The file is written inside ``iter_XXXXXXX.tmp`` and the folder renamed when complete; the tracker is replaced
@@ -101,6 +101,7 @@ def save_checkpoint(directory: str | Path, iteration: int, model: torch.nn.Modul
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None and grad_scaler.is_enabled() else None,
         "rng_state": [get_rng_state()],
         "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _is_plain(v)}),
         "iteration": iteration,
@@ -164,7 +165,8 @@ def check_compatible(saved_args: argparse.Namespace | None, args: argparse.Names
 
 def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     scheduler: Any | None, args: argparse.Namespace, load_optim: bool = True,
-                    load_rng: bool = True, tp_rank: int = 0, pp_rank: int = 0) -> tuple[int, dict[str, Any]]:
+                    load_rng: bool = True, tp_rank: int = 0, pp_rank: int = 0,
+                    grad_scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict[str, Any]]:
     """Load the tracked checkpoint of ``directory`` into model (and optimizer, scheduler, RNG when asked).
 
     Returns the iteration (0 for a release checkpoint) and the saved ``args`` as a dict. Architecture mismatches,
@@ -185,6 +187,8 @@ def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: to
         optimizer.load_state_dict(state["optimizer"])
     if load_optim and scheduler is not None and state.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(state["opt_param_scheduler"])
+    if load_optim and grad_scaler is not None and state.get("grad_scaler") is not None:
+        grad_scaler.load_state_dict(state["grad_scaler"])
     if load_rng and state.get("rng_state"):
         set_rng_state(state["rng_state"][0])
     saved_args = vars(state["args"]) if state.get("args") is not None else {}

@@ -91,28 +91,44 @@ def forward_loss(model: HybridModel, batch: dict[str, torch.Tensor], args: argpa
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def build_grad_scaler(args: argparse.Namespace) -> torch.amp.GradScaler:
+    """Loss scaling for ``--fp16`` (static with ``--loss-scale``, else dynamic from ``--initial-loss-scale``, growing
+    every ``--loss-scale-window`` clean steps); a pass-through scaler otherwise."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    static = args.loss_scale is not None
+    return torch.amp.GradScaler(device, enabled=args.fp16, init_scale=args.loss_scale if static else
+                                args.initial_loss_scale, growth_factor=1.0 if static else 2.0,
+                                backoff_factor=1.0 if static else 0.5, growth_interval=int(args.loss_scale_window))
+
+
 def train_step(model: HybridModel, data: Iterator[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
-               scheduler: OptimizerParamScheduler, args: argparse.Namespace,
-               timers: dict[str, float]) -> tuple[float, float]:
-    """One optimizer step over ``num_microbatches`` accumulated micro-batches; returns (loss, grad norm) and adds
-    the seconds spent fetching data, in forward-backward and in the optimizer to ``timers``."""
+               scheduler: OptimizerParamScheduler, scaler: torch.amp.GradScaler, args: argparse.Namespace,
+               timers: dict[str, float]) -> tuple[float, float, bool]:
+    """One optimizer step over ``num_microbatches`` accumulated micro-batches; returns (loss, grad norm, skipped)
+    and adds the seconds spent fetching data, in forward-backward and in the optimizer to ``timers``. With
+    ``--fp16`` a step whose gradients overflowed is skipped (no update, no schedule advance) and the scale shrinks."""
     total = 0.0
     for _ in range(args.num_microbatches):
         start = time.perf_counter()
         batch = next(data)
         fetched = time.perf_counter()
         loss = forward_loss(model, batch, args) / args.num_microbatches
-        loss.backward()
+        scaler.scale(loss).backward()
         total += loss.item()
         timers["data"] += fetched - start
         timers["forward-backward"] += time.perf_counter() - fetched
     start = time.perf_counter()
+    scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else math.inf)
-    optimizer.step()
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    skipped = scaler.is_enabled() and scaler.get_scale() < scale
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step(increment=args.global_batch_size)
+    if not skipped:
+        scheduler.step(increment=args.global_batch_size)
     timers["optimizer"] += time.perf_counter() - start
-    return total, grad_norm.item()
+    return total, grad_norm.item(), skipped
 
 
 @torch.no_grad()
@@ -152,22 +168,6 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
                                                args.tensor_model_parallel_size)
     args.autocast_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
     args.train_samples_total = args.train_samples or (args.train_iters or 0) * args.global_batch_size
-    log(f"hybrid layer pattern: {args.hybrid_layer_pattern} ({args.num_layers} layers)")
-
-    model = build_model(args)
-    log(f"model parameters: {sum(p.numel() for p in model.parameters()):,}")
-    optimizer = get_megatron_optimizer(model, args.lr or 0.0, args.weight_decay, args.adam_beta1, args.adam_beta2,
-                                       args.adam_eps)
-    scheduler = build_scheduler(optimizer, args)
-    iteration, consumed = 0, 0
-    if args.load is not None:
-        iteration, saved = load_checkpoint(args.load, model, optimizer, scheduler, args,
-                                           load_optim=not args.no_load_optim and not args.finetune,
-                                           load_rng=not args.no_load_rng and not args.finetune)
-        consumed = 0 if args.finetune else saved.get("consumed_train_samples", 0)
-        iteration = 0 if args.finetune else iteration
-        log(f"loaded checkpoint from {args.load} at iteration {iteration}")
-
     train_iters = args.train_iters or args.train_samples_total // args.global_batch_size
     eval_samples = (train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
     train_ds, valid_ds, _test_ds = build_gpt_datasets(
@@ -175,11 +175,28 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
         (args.train_samples_total, eval_samples, 0),  # the test split is not evaluated during pretraining
         cache_dir=args.data_cache_path, mock=args.mock_data, vocab_size=vocab,
     )
+    log(f"hybrid layer pattern: {args.hybrid_layer_pattern} ({args.num_layers} layers)")
+
+    model = build_model(args)
+    log(f"model parameters: {sum(p.numel() for p in model.parameters()):,}")
+    optimizer = get_megatron_optimizer(model, args.lr or 0.0, args.weight_decay, args.adam_beta1, args.adam_beta2,
+                                       args.adam_eps)
+    scheduler = build_scheduler(optimizer, args)
+    scaler = build_grad_scaler(args)
+    iteration, consumed = 0, 0
+    if args.load is not None:
+        iteration, saved = load_checkpoint(args.load, model, optimizer, scheduler, args, grad_scaler=scaler,
+                                           load_optim=not args.no_load_optim and not args.finetune,
+                                           load_rng=not args.no_load_rng and not args.finetune)
+        consumed = 0 if args.finetune else saved.get("consumed_train_samples", 0)
+        iteration = 0 if args.finetune else iteration
+        log(f"loaded checkpoint from {args.load} at iteration {iteration}")
+
     results: dict[str, float] = {}
     metrics = MetricsWriter(args)
     if not args.skip_train:
         results.update(train_loop(model, optimizer, scheduler, train_ds, valid_ds, args, iteration, consumed,
-                                  metrics))
+                                  metrics, scaler))
     if valid_ds is not None and args.eval_iters > 0:
         results["valid_loss"] = evaluate(model, valid_ds, args)
         log(f"validation loss at the end | lm loss value: {results['valid_loss']:.6E} | "
@@ -191,7 +208,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
 
 def train_loop(model: HybridModel, optimizer: torch.optim.Optimizer, scheduler: OptimizerParamScheduler,
                train_ds: Dataset, valid_ds: Dataset | None, args: argparse.Namespace, iteration: int,
-               consumed: int, metrics: MetricsWriter) -> dict[str, float]:
+               consumed: int, metrics: MetricsWriter, scaler: torch.amp.GradScaler) -> dict[str, float]:
     """Run steps until ``train_iters`` (or an exit condition); log, evaluate and save on their intervals."""
     train_iters = args.train_iters or args.train_samples_total // args.global_batch_size
     data = batches(train_ds, consumed, args)
@@ -202,9 +219,10 @@ def train_loop(model: HybridModel, optimizer: torch.optim.Optimizer, scheduler: 
     model.train()
     loss = float("nan")
     timers = {"data": 0.0, "forward-backward": 0.0, "optimizer": 0.0}
-    loop_start, first_iteration = time.perf_counter(), iteration
+    loop_start, first_iteration, skipped_steps = time.perf_counter(), iteration, 0
     while iteration < train_iters:
-        loss, grad_norm = train_step(model, data, optimizer, scheduler, args, timers)
+        loss, grad_norm, skipped = train_step(model, data, optimizer, scheduler, scaler, args, timers)
+        skipped_steps += skipped
         iteration += 1
         consumed += args.global_batch_size
         args.consumed_train_samples = consumed
@@ -215,11 +233,12 @@ def train_loop(model: HybridModel, optimizer: torch.optim.Optimizer, scheduler: 
                 f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | "
                 f"learning rate: {scheduler.get_lr():.6E} | global batch size: {args.global_batch_size:5d} | "
                 f"lm loss: {interval_loss / interval_steps:.6E} | grad norm: {grad_norm:.3f} | "
-                f"number of skipped iterations:   0 | number of nan iterations:   0 | "
+                + (f"loss scale: {scaler.get_scale():.1f} | " if scaler.is_enabled() else "")
+                + f"number of skipped iterations: {skipped_steps:3d} | number of nan iterations:   0 | "
                 f"tokens per second: {tokens_per_step / elapsed:.1f} |")
             metrics.scalars(iteration, {"lm loss": interval_loss / interval_steps, "learning-rate": scheduler.get_lr(),
                                         "grad-norm": grad_norm, "tokens-per-second": tokens_per_step / elapsed})
-            interval_start, interval_loss, interval_steps = time.time(), 0.0, 0
+            interval_start, interval_loss, interval_steps, skipped_steps = time.time(), 0.0, 0, 0
         if valid_ds is not None and args.eval_interval and iteration % args.eval_interval == 0 and args.eval_iters:
             valid = evaluate(model, valid_ds, args)
             log(f"validation loss at iteration {iteration} | lm loss value: {valid:.6E} | "
@@ -230,7 +249,7 @@ def train_loop(model: HybridModel, optimizer: torch.optim.Optimizer, scheduler: 
                 or (args.exit_duration_in_mins and (time.time() - start) / 60 > args.exit_duration_in_mins))
         if args.save and ((args.save_interval and iteration % args.save_interval == 0) or stop
                           or iteration == train_iters):
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, args)
+            save_checkpoint(args.save, iteration, model, optimizer, scheduler, args, grad_scaler=scaler)
             log(f"saved checkpoint at iteration {iteration} to {args.save}")
         if stop:
             log(f"exiting at iteration {iteration}")

@@ -167,7 +167,8 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
                                   torch.utils.data.Dataset | None]:
     """Build the (train, valid, test) datasets of ``num_samples`` samples each; a split asked for 0 samples is None.
 
-    ``mock=True`` gives :class:`MockGPTDataset` (needs ``vocab_size``; ``data_path`` is ignored). Otherwise every prefix
+    ``mock=True`` gives :class:`MockGPTDataset` (needs ``vocab_size``; ``data_path`` is ignored). Otherwise, when
+    ``vocab_size`` is given, every file's token ids are checked to lie below it, and every prefix
     of ``data_path`` is split by ``split`` into contiguous document ranges; with several prefixes each split is a
     :class:`BlendedDataset` over per-prefix :class:`GPTDataset` s sized ``ceil(samples * weight * 1.005)``.
     """
@@ -186,6 +187,9 @@ def build_gpt_datasets(data_path: list[str], split: str, seq_length: int, seed: 
     for prefix, dataset in zip(prefixes, indexed, strict=True):
         if len(dataset) == 0:
             raise ValueError(f"indexed dataset {prefix} is empty")
+        if vocab_size is not None and (largest := dataset.max_token_id()) >= vocab_size:
+            raise ValueError(f"indexed dataset {prefix} holds token id {largest} but the tokenizer has only "
+                             f"{vocab_size} ids: was it made with another tokenizer (--tokenizer-model, --vocab-size)?")
     ranges = [split_document_ranges(len(dataset), split) for dataset in indexed]
 
     def component(d: int, s: int, n: int) -> GPTDataset:

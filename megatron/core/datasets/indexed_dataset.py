@@ -237,3 +237,12 @@ class IndexedDataset:
     def num_documents(self) -> int:
         """Number of documents."""
         return len(self._document_indices) - 1
+
+    def max_token_id(self, chunk_tokens: int = 1 << 24) -> int:
+        """The largest value in the ``.bin`` file (-1 when empty), read in chunks of ``chunk_tokens`` values so that
+        memory stays bounded on large files."""
+        tokens = self._data.view(self.dtype) if len(self._data) else numpy.zeros(0, self.dtype)
+        largest = -1
+        for start in range(0, len(tokens), chunk_tokens):
+            largest = max(largest, int(tokens[start : start + chunk_tokens].max()))
+        return largest

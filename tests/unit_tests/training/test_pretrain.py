@@ -82,3 +82,51 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, extra, message):
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert time.time() - started < 120
+
+
+@pytest.mark.parametrize("precision", ["--bf16", "--fp16"])
+def test_mixed_precision_runs_train(precision, capsys):
+    results = run(["--train-iters", "6", precision, "--initial-loss-scale", "65536", "--log-interval", "3"])
+    out = capsys.readouterr().out
+    assert torch.isfinite(torch.tensor(results["train_loss"]))
+    assert ("loss scale: " in out) == (precision == "--fp16")
+
+
+def test_data_errors_come_before_anything_is_built(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "1 2 3 40 45 49"}\n{"text": "' + " ".join(str(i) for i in range(5, 30)) + '"}\n')
+    subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus),
+                    "--output-prefix", str(tmp_path / "d"), "--tokenizer-type", "NullTokenizer", "--vocab-size", "50"],
+                   check=True, capture_output=True)
+    vocab_at = TINY.index("--vocab-size")
+    base = [arg for arg in TINY[:vocab_at] + TINY[vocab_at + 2:] if arg != "--mock-data"]
+    base += ["--train-iters", "3", "--split", "100,0,0", "--eval-iters", "0", "--save", str(tmp_path / "ckpt")]
+    cases = [
+        (["--data-path", str(tmp_path / "missing"), "--vocab-size", "50"], "not found"),
+        (["--data-path", str(tmp_path / "d_text_document"), "--vocab-size", "20"], "holds token id 49"),
+    ]
+    for extra, message in cases:
+        argv = base + extra
+        result = subprocess.run([sys.executable, str(ROOT / "pretrain_hybrid.py"), *argv], capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "ckpt").exists()
+
+
+def test_unwritable_save_dir_is_refused(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "pretrain_hybrid.py"), *TINY, "--train-iters", "4",
+                             "--save", str(blocker / "sub")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--save" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(["--train-iters", "10", "--tensorboard-dir", str(tmp_path / "tb")])
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert {"lm loss", "learning-rate", "grad-norm", "lm loss validation"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("lm loss")] == [5, 10]
