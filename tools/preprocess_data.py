@@ -46,6 +46,10 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        "TikTokenizer, NullTokenizer")
     group.add_argument("--tokenizer-model", default=None, help="tokenizer model file or folder")
     group.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (NullTokenizer)")
+    group.add_argument("--tiktoken-pattern", default=None, help="TikTokenizer pre-tokenization pattern (v1, v2)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=None,
+                       help="TikTokenizer: ids reserved for special tokens before the BPE ranks (default 1000)")
+    group.add_argument("--tiktoken-special-tokens", nargs="+", default=None, help="TikTokenizer special tokens")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     group = parser.add_argument_group("output data")
     group.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
@@ -63,10 +67,10 @@ def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _build_tokenizer(args: argparse.Namespace) -> Any:
     """Build the tokenizer named by the flags, turning its construction errors into :class:`PreprocessError`."""
-    from megatron.training.tokenizer import build_tokenizer
+    from megatron.training.tokenizer import build_tokenizer_from_args
 
     try:
-        return build_tokenizer(args.tokenizer_type, tokenizer_model=args.tokenizer_model, vocab_size=args.vocab_size)
+        return build_tokenizer_from_args(args)
     except (ValueError, OSError, KeyError, TypeError) as error:
         raise PreprocessError(f"cannot build tokenizer {args.tokenizer_type!r}: {error}") from None
 

@@ -22,7 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron.training.metrics import MetricsWriter
-from megatron.training.tokenizer import build_tokenizer, padded_vocab_size
+from megatron.training.tokenizer import build_tokenizer_from_args, padded_vocab_size
 
 
 def log(message: str) -> None:
@@ -162,7 +162,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
     set_seed(args.seed)
     tokenizer = None
     if args.tokenizer_type is not None:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        tokenizer = build_tokenizer_from_args(args)
     vocab = tokenizer.vocab_size if tokenizer is not None else args.vocab_size
     args.padded_vocab_size = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                args.tensor_model_parallel_size)

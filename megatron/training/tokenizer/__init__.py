@@ -5,7 +5,7 @@
 """
 
 from megatron.training.tokenizer.abstract import MegatronTokenizer
-from megatron.training.tokenizer.build import TOKENIZER_TYPES, build_tokenizer
+from megatron.training.tokenizer.build import TOKENIZER_TYPES, build_tokenizer, build_tokenizer_from_args
 from megatron.training.tokenizer.vocab_padding import padded_vocab_size
 
-__all__ = ["TOKENIZER_TYPES", "MegatronTokenizer", "build_tokenizer", "padded_vocab_size"]
+__all__ = ["TOKENIZER_TYPES", "MegatronTokenizer", "build_tokenizer", "build_tokenizer_from_args", "padded_vocab_size"]

@@ -59,3 +59,15 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None, voc
         if "unexpected keyword argument" not in str(error):
             raise
         raise ValueError(f"{tokenizer_type}: unsupported option ({error})") from None
+
+
+TIKTOKEN_ARGS = ("tiktoken_pattern", "tiktoken_num_special_tokens", "tiktoken_special_tokens")
+
+
+def build_tokenizer_from_args(args: Any) -> MegatronTokenizer:
+    """:func:`build_tokenizer` from parsed flags: ``--tokenizer-type``, ``--tokenizer-model``, ``--vocab-size`` and,
+    for ``TikTokenizer``, the ``--tiktoken-*`` options that were given."""
+    options = {}
+    if args.tokenizer_type == "TikTokenizer":
+        options = {name: getattr(args, name) for name in TIKTOKEN_ARGS if getattr(args, name, None) is not None}
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size, **options)

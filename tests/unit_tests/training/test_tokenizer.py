@@ -433,3 +433,15 @@ def test_tokenizers_pickle(tmp_path, sentencepiece_model, hf_folder, tiktoken_fi
         text = "1 2 3" if tokenizer.vocab_size == 11 else "hello world"
         copy = pickle.loads(pickle.dumps(tokenizer))
         assert copy.tokenize(text) == tokenizer.tokenize(text) and copy.eod == tokenizer.eod
+
+
+def test_command_line_flags_reach_the_tokenizer(tiktoken_file):
+    from megatron.training.arguments import build_parser
+    from megatron.training.tokenizer import build_tokenizer_from_args
+
+    args = build_parser().parse_args(["--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(tiktoken_file),
+                                      "--tiktoken-num-special-tokens", "10", "--tiktoken-special-tokens", "<unk>",
+                                      "</s>", "<s>", "<pad>"])
+    tokenizer = build_tokenizer_from_args(args)
+    assert (tokenizer.eos, tokenizer.bos, tokenizer.pad) == (1, 2, 3)
+    assert tokenizer.tokenize("hello") == [10 + 259]
