@@ -130,3 +130,17 @@ def test_tensorboard_scalars_are_written(tmp_path):
     events.Reload()
     assert {"lm loss", "learning-rate", "grad-norm", "lm loss validation"} <= set(events.Tags()["scalars"])
     assert [event.step for event in events.Scalars("lm loss")] == [5, 10]
+
+
+def test_wandb_logs_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # our default is offline: no network is touched
+    run(["--train-iters", "10", "--wandb-project", "unit-test", "--wandb-save-dir", str(tmp_path)])
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    records = run_file.read_bytes()  # protobuf records keep metric names as plain bytes
+    assert b"lm loss" in records and b"learning-rate" in records and b"lm loss validation" in records
+
+
+def test_exit_duration_stops_with_a_checkpoint(tmp_path):
+    results = run(["--train-iters", "1000", "--exit-duration-in-mins", "0.0001", "--save", str(tmp_path)])
+    assert results["iteration"] < 1000
+    assert int((tmp_path / "latest_checkpointed_iteration.txt").read_text()) == results["iteration"]
