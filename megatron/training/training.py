@@ -49,6 +49,11 @@ def build_model(args: argparse.Namespace) -> HybridModel:
     )
 
 
+def total_iterations(args: argparse.Namespace) -> int:
+    """The run's length in optimizer steps: ``--train-iters``, or ``--train-samples`` / global batch size."""
+    return args.train_iters or args.train_samples_total // args.global_batch_size
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> OptimizerParamScheduler:
     """Megatron's schedule, counted in samples: iteration-based flags are converted with the global batch size."""
     gbs = args.global_batch_size
@@ -168,7 +173,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, float]:
                                                args.tensor_model_parallel_size)
     args.autocast_dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
     args.train_samples_total = args.train_samples or (args.train_iters or 0) * args.global_batch_size
-    train_iters = args.train_iters or args.train_samples_total // args.global_batch_size
+    train_iters = total_iterations(args)
     eval_samples = (train_iters // args.eval_interval + 1) * args.eval_iters * args.global_batch_size
     train_ds, valid_ds, _test_ds = build_gpt_datasets(
         args.data_path or [], args.split, args.seq_length, args.seed,
@@ -210,7 +215,7 @@ def train_loop(model: HybridModel, optimizer: torch.optim.Optimizer, scheduler: 
                train_ds: Dataset, valid_ds: Dataset | None, args: argparse.Namespace, iteration: int,
                consumed: int, metrics: MetricsWriter, scaler: torch.amp.GradScaler) -> dict[str, float]:
     """Run steps until ``train_iters`` (or an exit condition); log, evaluate and save on their intervals."""
-    train_iters = args.train_iters or args.train_samples_total // args.global_batch_size
+    train_iters = total_iterations(args)
     data = batches(train_ds, consumed, args)
     exit_signal = ExitSignal(args.exit_signal_handler)
     start = time.time()
