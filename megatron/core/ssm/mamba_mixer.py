@@ -97,10 +97,10 @@ class MambaMixer(nn.Module):
             if continuing and length == 1:
                 return self.out_proj(self._step(zxbcdt, conv_state, ssm_state), inference_params)
 
-        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        z, xbc, dt = self._split_projection(zxbcdt)
         xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), conv_state, continuing).transpose(1, 2)
-        x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x, B, C = self._split_conv_output(xbc)
+        A = -torch.exp(self.A_log.float())
         ops = ssm_ops(hidden)
         y = ops.chunk_scan(
             x.reshape(b, length, self.nheads, self.headdim), dt, A,
@@ -121,17 +121,24 @@ class MambaMixer(nn.Module):
         if kernel is not None:
             return kernel(zxbcdt[:, 0], conv_state, ssm_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                           self.A_log, self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps).unsqueeze(1)
-        z, xbc, dt = zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
-        A = -torch.exp(self.A_log.float())
+        z, xbc, dt = self._split_projection(zxbcdt)
         ops = ssm_ops(zxbcdt)
         xbc = ops.conv_update(xbc[:, 0], conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
-        x, B, C = xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        x, B, C = self._split_conv_output(xbc)
         y = ops.state_update(
-            ssm_state, x.reshape(b, self.nheads, self.headdim), dt[:, 0], A,
+            ssm_state, x.reshape(b, self.nheads, self.headdim), dt[:, 0], -torch.exp(self.A_log.float()),
             B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )
         return self.norm(y.reshape(b, 1, self.d_inner), z)
+
+    def _split_projection(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The in_proj output ``(..., d_inner + conv_channels + nheads)`` -> views z, xBC, dt."""
+        return zxbcdt.split([self.d_inner, self.conv_channels, self.nheads], dim=-1)
+
+    def _split_conv_output(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The activated conv output ``(..., conv_channels)`` -> views x, B, C."""
+        return xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
 
     def _allocate_states(self, like: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         conv_state = like.new_zeros(batch, self.conv_channels, self.conv1d.kernel_size[0])
