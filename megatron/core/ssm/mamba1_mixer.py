@@ -9,7 +9,8 @@ from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.mamba_mixer import causal_conv, init_dt_bias, no_weight_decay
 from megatron.core.ssm.ops import ssm_ops
 from megatron.core.ssm.ops.selective_scan import selective_scan_step
-from megatron.core.transformer.norm import LayerNormLinear, linear, scaled_init_std
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron.core.transformer.norm import scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -18,22 +19,25 @@ class Mamba1Mixer(nn.Module):
 
     ``in_proj`` rows ``[x (d_inner), z (d_inner)]``; conv over x; ``x_proj`` gives ``[dt_low (dt_rank), B (n), C (n)]``;
     ``dt_proj`` lifts dt to d_inner (its bias is the dt bias); ``A = -exp(A_log)`` of shape ``(d_inner, n)``.
+    Under tensor parallelism the module holds this rank's channels; ``x_proj`` is row-parallel and its summed
+    output (dt, B, C) is shared by all ranks.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.d_inner = config.mamba_expand * config.hidden_size
+        full_inner = config.mamba_expand * config.hidden_size
+        self.d_inner = divide(full_inner, config.tensor_model_parallel_size, "Mamba1 inner width")
         self.d_state = config.mamba_state_dim
         self.dt_rank = config.mamba1_dt_rank
         dtype = config.params_dtype
 
-        self.in_proj = LayerNormLinear(config, config.hidden_size, 2 * self.d_inner, bias=False,
-                                       init_std=config.init_method_std)
+        self.in_proj = ColumnParallelLinear(config, config.hidden_size, 2 * full_inner, bias=False,
+                                            init_std=config.init_method_std, normalize_input=True)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, config.mamba_d_conv, groups=self.d_inner, bias=True,
                                 dtype=dtype)
-        self.x_proj = linear(config, self.d_inner, self.dt_rank + 2 * self.d_state, bias=False,
-                             init_std=config.init_method_std)
+        self.x_proj = RowParallelLinear(config, full_inner, self.dt_rank + 2 * self.d_state, bias=False,
+                                        init_std=config.init_method_std, reduce_to_all=True)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, dtype=dtype)
         nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
         init_dt_bias(self.dt_proj.bias, config)
@@ -42,13 +46,13 @@ class Mamba1Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(a_init).to(dtype))
         self.D = nn.Parameter(torch.ones(self.d_inner, dtype=dtype))
         no_weight_decay(self.A_log, self.D, self.dt_proj.bias)
-        self.out_proj = linear(config, self.d_inner, config.hidden_size, bias=False,
-                               init_std=scaled_init_std(config, residuals_per_layer=1))
+        self.out_proj = RowParallelLinear(config, full_inner, config.hidden_size, bias=False,
+                                          init_std=scaled_init_std(config, residuals_per_layer=1))
 
     def forward(self, hidden: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """hidden ``(b, l, hidden)`` -> ``(b, l, hidden)``; states read/updated as for the Mamba2 mixer."""
-        b, length, _ = hidden.shape
         x, z = self.in_proj(hidden, inference_params).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
+        b, length = x.shape[0], x.shape[2]
         A = -torch.exp(self.A_log.float())
         conv_state = ssm_state = None
         continuing = False

@@ -12,7 +12,8 @@ from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
 from megatron.core.ssm.ops import ssm_ops
 from megatron.core.ssm.ops.causal_conv1d import conv_state_from_inputs
 from megatron.core.ssm.ops.cpu_kernels import mamba2_decode_step_kernel
-from megatron.core.transformer.norm import LayerNormLinear, linear, scaled_init_std
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron.core.transformer.norm import scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -51,23 +52,26 @@ class MambaMixer(nn.Module):
 
     ``in_proj`` rows: ``[z (d_inner), x (d_inner), B (g*n), C (g*n), dt (nheads)]``; the conv runs over ``[x, B, C]``;
     ``y = out_proj(GatedRMSNorm(ssd(x, dt, A, B, C) + D x, z))`` with ``A = -exp(A_log)`` and
-    ``dt = softplus(dt + dt_bias)``.
+    ``dt = softplus(dt + dt_bias)``. Under tensor parallelism the module holds this rank's heads and groups (every
+    component of ``in_proj`` and the conv split separately; ``out_proj`` row-parallel).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.d_inner = config.mamba_d_inner
-        self.nheads = config.mamba_nheads
+        tp = config.tensor_model_parallel_size
         self.headdim = config.mamba_head_dim
-        self.ngroups = config.mamba_num_groups
+        self.nheads = divide(config.mamba_nheads, tp, "Mamba head count")
+        self.ngroups = divide(config.mamba_num_groups, tp, "mamba_num_groups")
+        self.d_inner = self.nheads * self.headdim
         self.d_state = config.mamba_state_dim
         self.chunk_size = config.mamba_chunk_size
         self.conv_channels = self.d_inner + 2 * self.ngroups * self.d_state
         dtype = config.params_dtype
 
-        self.in_proj = LayerNormLinear(config, config.hidden_size, self.d_inner + self.conv_channels + self.nheads,
-                                       bias=False, init_std=config.init_method_std)
+        self.in_proj = ColumnParallelLinear(config, config.hidden_size,
+                                            (self.d_inner + self.conv_channels + self.nheads) * tp, bias=False,
+                                            init_std=config.init_method_std, normalize_input=True)
         # nn.Conv1d's default init is the specified one: kaiming-uniform(a=sqrt 5), bias U(±1/sqrt(d_conv)).
         self.conv1d = nn.Conv1d(self.conv_channels, self.conv_channels, config.mamba_d_conv,
                                 groups=self.conv_channels, bias=True, dtype=dtype)
@@ -79,14 +83,14 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.nheads, dtype=dtype))
         no_weight_decay(self.dt_bias, self.A_log, self.D)
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, eps=1e-5, dtype=dtype)
-        self.out_proj = linear(config, self.d_inner, config.hidden_size, bias=False,
-                               init_std=scaled_init_std(config, residuals_per_layer=1))
+        self.out_proj = RowParallelLinear(config, config.mamba_d_inner, config.hidden_size, bias=False,
+                                          init_std=scaled_init_std(config, residuals_per_layer=1))
 
     def forward(self, hidden: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
         """hidden ``(b, l, hidden)`` -> ``(b, l, hidden)``; with ``inference_params`` the conv/SSM states are read
         (when continuing a sequence) and updated."""
-        b, length, _ = hidden.shape
-        zxbcdt = self.in_proj(hidden, inference_params)
+        zxbcdt = self.in_proj(hidden, inference_params)  # sequence-parallel input is gathered here
+        b, length = zxbcdt.shape[:2]
         conv_state = ssm_state = None
         continuing = False
         if inference_params is not None:

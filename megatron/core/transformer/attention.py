@@ -8,7 +8,9 @@ from torch import nn
 
 from megatron.core.inference_params import InferenceParams
 from megatron.core.models.common.embeddings.rotary_pos_embedding import apply_rotary_pos_emb
-from megatron.core.transformer.norm import LayerNormLinear, linear, scaled_init_std
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron.core.tensor_parallel.random import get_rng_tracker
+from megatron.core.transformer.norm import scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
@@ -17,23 +19,26 @@ class SelfAttention(nn.Module):
 
     ``linear_qkv`` rows are grouped per query group: for each of the ``num_query_groups`` groups, that group's query
     heads, then its key head, then its value head. Query head j uses key/value group ``j // (heads / groups)``.
-    Softmax scale is 1/sqrt(head_dim); ``linear_proj`` maps the heads back to the hidden size.
+    Softmax scale is 1/sqrt(head_dim); ``linear_proj`` maps the heads back to the hidden size. Under tensor
+    parallelism each rank holds whole query groups (``linear_qkv`` column-parallel, ``linear_proj`` row-parallel).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int) -> None:
         super().__init__()
         self.layer_number = layer_number
-        self.num_heads = config.num_attention_heads
-        self.num_groups = config.num_query_groups
+        tp = config.tensor_model_parallel_size
+        self.num_heads = divide(config.num_attention_heads, tp, "num_attention_heads")
+        self.num_groups = divide(config.num_query_groups, tp, "num_query_groups")
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
         heads_per_group = self.num_heads // self.num_groups
-        self.linear_qkv = LayerNormLinear(
-            config, config.hidden_size, self.num_groups * (heads_per_group + 2) * self.head_dim,
+        self.linear_qkv = ColumnParallelLinear(
+            config, config.hidden_size, config.num_query_groups * (heads_per_group + 2) * self.head_dim,
             bias=config.add_bias_linear or config.add_qkv_bias, init_std=config.init_method_std,
+            normalize_input=True,
         )
-        self.linear_proj = linear(config, self.num_heads * self.head_dim, config.hidden_size,
-                                  bias=config.add_bias_linear, init_std=scaled_init_std(config))
+        self.linear_proj = RowParallelLinear(config, config.num_attention_heads * self.head_dim, config.hidden_size,
+                                             bias=config.add_bias_linear, init_std=scaled_init_std(config))
 
     def forward(
         self,
@@ -42,8 +47,9 @@ class SelfAttention(nn.Module):
         inference_params: InferenceParams | None = None,
     ) -> torch.Tensor:
         """hidden ``(b, s, hidden)`` -> ``(b, s, hidden)``. ``rotary`` is (cos, sin) for these positions."""
-        b, s, _ = hidden.shape
-        qkv = self.linear_qkv(hidden, inference_params).view(b, s, self.num_groups, -1, self.head_dim)
+        qkv = self.linear_qkv(hidden, inference_params)  # (b, s, ·): sequence-parallel input is gathered here
+        b, s = qkv.shape[:2]
+        qkv = qkv.view(b, s, self.num_groups, -1, self.head_dim)
         query = qkv[:, :, :, :-2].reshape(b, s, self.num_heads, self.head_dim)
         key, value = qkv[:, :, :, -2], qkv[:, :, :, -1]
         if rotary is not None:
@@ -53,13 +59,14 @@ class SelfAttention(nn.Module):
         if inference_params is not None:
             offset = inference_params.sequence_len_offset
             key, value = self._update_kv_cache(inference_params, key, value, offset)
-        out = F.scaled_dot_product_attention(
-            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-            attn_mask=_causal_mask(s, offset, hidden.device) if offset and s > 1 else None,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=offset == 0 and s > 1,
-            enable_gqa=self.num_groups != self.num_heads,
-        )
+        with get_rng_tracker().fork():  # each rank drops out its own heads' probabilities
+            out = F.scaled_dot_product_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                attn_mask=_causal_mask(s, offset, hidden.device) if offset and s > 1 else None,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=offset == 0 and s > 1,
+                enable_gqa=self.num_groups != self.num_heads,
+            )
         return self.linear_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim), inference_params)
 
     def _update_kv_cache(

@@ -1,4 +1,4 @@
-"""RMSNorm / LayerNorm, standalone and fused in front of a linear layer (Megatron's ``layer_norm_weight`` keys)."""
+"""RMSNorm / LayerNorm, the single-token linear product used in decoding, and Megatron's init scaling."""
 
 from __future__ import annotations
 
@@ -18,14 +18,6 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         out = x @ inference_params.transposed(weight)
         return out + bias if bias is not None else out
     return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` that takes the decoding state, to use :func:`decode_linear`'s fast single-token path."""
-
-    def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        """``(..., in) -> (..., out)``."""
-        return decode_linear(x, self.weight, self.bias, inference_params)
 
 
 def normalize(
@@ -48,46 +40,14 @@ class Norm(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(size, dtype=config.params_dtype)) if config.normalization == "LayerNorm" else None
         )
+        if config.sequence_parallel:  # it normalises this rank's sequence slice: gradients are partial sums
+            for param in (self.weight, self.bias):
+                if param is not None:
+                    param.sequence_parallel = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., size) -> (..., size)``."""
         return normalize(x, self.normalization, self.weight, self.bias, self.eps)
-
-
-class LayerNormLinear(nn.Module):
-    """``linear(norm(x))``: a layer's pre-norm fused into its first projection, as Transformer Engine stores it.
-
-    Parameters: ``weight (out, in)``, optional ``bias (out,)``, ``layer_norm_weight (in,)`` and, for LayerNorm,
-    ``layer_norm_bias (in,)``.
-    """
-
-    def __init__(self, config: TransformerConfig, in_features: int, out_features: int, bias: bool,
-                 init_std: float) -> None:
-        super().__init__()
-        dtype = config.params_dtype
-        self.normalization = config.normalization
-        self.eps = config.layernorm_epsilon
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-        self.layer_norm_weight = nn.Parameter(torch.ones(in_features, dtype=dtype))
-        self.layer_norm_bias = (
-            nn.Parameter(torch.zeros(in_features, dtype=dtype)) if config.normalization == "LayerNorm" else None
-        )
-        nn.init.normal_(self.weight, mean=0.0, std=init_std)
-
-    def forward(self, x: torch.Tensor, inference_params: InferenceParams | None = None) -> torch.Tensor:
-        """``(..., in) -> (..., out)``."""
-        normed = normalize(x, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps)
-        return decode_linear(normed, self.weight, self.bias, inference_params)
-
-
-def linear(config: TransformerConfig, in_features: int, out_features: int, bias: bool, init_std: float) -> Linear:
-    """A :class:`Linear` initialised Megatron's way: weight N(0, init_std), bias zero."""
-    layer = Linear(in_features, out_features, bias=bias, dtype=config.params_dtype)
-    nn.init.normal_(layer.weight, mean=0.0, std=init_std)
-    if bias:
-        nn.init.zeros_(layer.bias)
-    return layer
 
 
 def scaled_init_std(config: TransformerConfig, residuals_per_layer: int = 2) -> float:

@@ -44,6 +44,11 @@ class TransformerConfig:
     init_method_std: float = 0.02
     params_dtype: torch.dtype = torch.float32
 
+    # Model parallelism: layers allocate 1/tensor_model_parallel_size of their split tensors; with
+    # sequence_parallel the activations between tensor-parallel regions are split along the sequence.
+    tensor_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+
     # Mamba mixers. mamba_num_heads=None means d_inner = mamba_expand * hidden_size.
     mamba_version: int = 2
     mamba_state_dim: int = 128
@@ -90,6 +95,10 @@ class TransformerConfig:
             self.ffn_hidden_size = 4 * self.hidden_size
         require(self.ffn_hidden_size > 0, f"ffn_hidden_size must be positive, got {self.ffn_hidden_size}")
 
+        require(self.tensor_model_parallel_size >= 1,
+                f"tensor_model_parallel_size must be >= 1, got {self.tensor_model_parallel_size}")
+        if self.tensor_model_parallel_size == 1:
+            self.sequence_parallel = False
         require(self.mamba_version in (1, 2), f"mamba_version must be 1 or 2, got {self.mamba_version}")
         for name in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_expand", "mamba_d_conv",
                      "mamba_chunk_size"):

@@ -7,6 +7,7 @@ from torch import nn
 
 from megatron.core.inference_params import InferenceParams
 from megatron.core.models.hybrid.hybrid_layers import LAYER_TYPES, Rotary
+from megatron.core.tensor_parallel.random import build_sharded
 from megatron.core.transformer.norm import Norm
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -15,16 +16,19 @@ class HybridStack(nn.Module):
     """``layers`` built from ``pattern`` (no ``|``), plus ``final_norm`` when this is the last pipeline stage.
 
     ``layer_offset`` is the global index of the first layer (for pipeline stages); layer numbers are 1-based and
-    global, as in Megatron, and key the inference caches.
+    global, as in Megatron, and key the inference caches. Layer n's parameters are drawn from seed
+    ``init_seed + n`` (at full size, then sharded), so they do not depend on the parallel layout.
     """
 
     def __init__(self, config: TransformerConfig, pattern: str, layer_offset: int = 0,
-                 post_process: bool = True) -> None:
+                 post_process: bool = True, init_seed: int = 0) -> None:
         super().__init__()
         self.pattern = pattern
-        self.layers = nn.ModuleList(
-            LAYER_TYPES[symbol](config, layer_offset + i + 1) for i, symbol in enumerate(pattern)
-        )
+        self.layers = nn.ModuleList()
+        for i, symbol in enumerate(pattern):
+            number = layer_offset + i + 1
+            self.layers.append(build_sharded(lambda cfg, s=symbol, n=number: LAYER_TYPES[s](cfg, n), config,
+                                             init_seed + number, prefix=f"decoder.layers.{i}."))
         self.final_norm = Norm(config, config.hidden_size) if post_process else None
 
     def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
