@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from megatron.core.models.hybrid.hybrid_layer_allocation import (
     ATTENTION,
     MAMBA,
+    MLP,
     pipeline_segments,
     resolve_hybrid_pattern,
     strip_stage_boundaries,
@@ -218,9 +219,11 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed-timeout-minutes", type=int, default=10,
                        help="Timeout of torch.distributed collectives, in minutes.")
     group.add_argument("--use-distributed-optimizer", action="store_true",
-                       help="Shard the optimizer state over data-parallel ranks. " + CPU_NO_OP)
+                       help="Shard the optimizer state over data-parallel ranks (ZeRO-1); the checkpoint holds it "
+                            "gathered, so it loads at any data-parallel size.")
     group.add_argument("--overlap-grad-reduce", action="store_true",
-                       help="Overlap the gradient all-reduce with the backward pass. " + CPU_NO_OP)
+                       help="Reduce gradients over data-parallel ranks in buckets during the backward pass (torch "
+                            "DDP) instead of once after it.")
     group.add_argument("--overlap-param-gather", action="store_true",
                        help="Overlap the parameter all-gather with the forward pass. " + CPU_NO_OP)
     group.add_argument("--local-rank", type=int, default=int(os.getenv("LOCAL_RANK", "0")),
@@ -331,8 +334,10 @@ def _check_writable_dir(path: str, flag: str) -> None:
 
 
 def _validate_parallelism(args: argparse.Namespace) -> None:
-    args.rank = _env_int("RANK", 0)
-    args.world_size = _env_int("WORLD_SIZE", 1)
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:  # torchrun, or a single process
+        args.rank, args.world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    else:  # srun python ... (one task per device)
+        args.rank, args.world_size = _env_int("SLURM_PROCID", 0), _env_int("SLURM_NTASKS", 1)
     _require(args.world_size >= 1, f"WORLD_SIZE must be >= 1, got {args.world_size}")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     _require(tp >= 1, f"--tensor-model-parallel-size must be >= 1, got {tp}")
@@ -460,10 +465,13 @@ def _validate_pattern(args: argparse.Namespace) -> None:
         )
     except ValueError as error:
         _fail(f"{flag}: {error}")
+    pp = args.pipeline_model_parallel_size
     try:
-        pipeline_segments(pattern, args.pipeline_model_parallel_size)
+        segments = pipeline_segments(pattern, pp)
     except ValueError as error:
-        _fail(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: {error}")
+        _fail(f"--pipeline-model-parallel-size {pp}: {error}")
+    # More '|' segments than stages: each rank holds several model chunks (the interleaved schedule).
+    args.virtual_pipeline_model_parallel_size = len(segments) // pp if len(segments) > pp else None
     args.hybrid_layer_pattern = pattern
     args.num_layers = len(strip_stage_boundaries(pattern))
 
@@ -514,6 +522,12 @@ def _validate_model(args: argparse.Namespace) -> None:
     elif not args.group_query_attention:
         args.num_query_groups = 0
 
+    if MLP in pattern:
+        _require(args.ffn_hidden_size % tp == 0,
+                 f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if MAMBA in pattern and args.mamba_version == 1:
+        _require(2 * args.hidden_size % tp == 0,
+                 f"Mamba1 inner width {2 * args.hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     for flag in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups"):
         value = getattr(args, flag)
         _require(value > 0, f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -559,6 +573,10 @@ def _validate_sequence(args: argparse.Namespace, training: bool) -> None:
              "--max-position-embeddings (or --seq-length) is required")
     _require(args.max_position_embeddings > 0,
              f"--max-position-embeddings must be positive, got {args.max_position_embeddings}")
+    if args.sequence_parallel and args.seq_length is not None:
+        _require(args.seq_length % args.tensor_model_parallel_size == 0,
+                 f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+                 f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
     if args.seq_length is not None and args.position_embedding_type == "learned_absolute":
         _require(args.seq_length <= args.max_position_embeddings,
                  f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
@@ -656,6 +674,8 @@ def core_transformer_config_from_args(args: argparse.Namespace) -> TransformerCo
             mamba_head_dim=args.mamba_head_dim,
             mamba_num_groups=args.mamba_num_groups,
             mamba_num_heads=args.mamba_num_heads,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            sequence_parallel=args.sequence_parallel,
         )
     except ValueError as error:
         raise ArgumentError(str(error)) from None

@@ -4,9 +4,11 @@
     DIR/iter_{iteration:07d}/mp_rank_{tp:02d}/model_optim_rng.pt            (pipeline size 1)
     DIR/iter_{iteration:07d}/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt   (pipeline size > 1)
 
-Each file is a dict: ``model``, ``optimizer``, ``opt_param_scheduler``, ``rng_state``, ``args``, ``iteration``,
-``checkpoint_version`` (3.0). A save goes to a temporary directory that is renamed into place, and the tracker file is
-replaced last, so an interrupted save leaves the previous checkpoint and tracker untouched.
+Each file is a dict: ``model`` (or ``model0``, ``model1``, ... for the chunks of an interleaved pipeline rank),
+``optimizer``, ``opt_param_scheduler``, ``rng_state``, ``args``, ``iteration``, ``checkpoint_version`` (3.0). Data-
+parallel rank 0 of each tensor/pipeline position writes its file (the distributed optimizer's state gathered into it).
+A save goes to a temporary directory that is renamed into place once every rank has written, and the tracker file is
+replaced last, so an interrupted or failed save leaves the previous checkpoint and tracker untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.core import parallel_state
+from megatron.core.optimizer import optimizer_state_dict
+from megatron.core.tensor_parallel.random import get_rng_tracker
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -64,6 +72,7 @@ def get_rng_state() -> dict[str, Any]:
         "np_rng_state": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gauss)},
         "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": get_rng_tracker().get_states(),
     }
     if torch.cuda.is_available():
         state["cuda_rng_state"] = torch.cuda.get_rng_state()
@@ -78,47 +87,93 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["position"],
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     torch.set_rng_state(state["torch_rng_state"])
+    get_rng_tracker().set_states(state.get("rng_tracker_states", {}))
     if "cuda_rng_state" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
 
 
-def save_checkpoint(directory: str | Path, iteration: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, scheduler: Any | None, args: argparse.Namespace,
-                    tp_rank: int = 0, pp_rank: int = 0, grad_scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write this rank's checkpoint for ``iteration`` and point the tracker at it; returns the file written.
+def model_state(chunks: list[nn.Module]) -> dict[str, Any]:
+    """The ``model`` entry (one chunk) or ``model0``, ``model1``, ... entries (interleaved pipeline) of a file."""
+    if len(chunks) == 1:
+        return {"model": chunks[0].state_dict()}
+    return {f"model{index}": chunk.state_dict() for index, chunk in enumerate(chunks)}
 
-    The file is written inside ``iter_XXXXXXX.tmp`` and the folder renamed when complete; the tracker is replaced
-    atomically afterwards. A failure (full disk, crash) leaves the previous checkpoint and tracker as they were.
+
+def _chunks(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
+    return model if isinstance(model, list) else [model]
+
+
+def _all_ranks_succeeded(succeeded: bool) -> bool:
+    if not dist.is_initialized():
+        return succeeded
+    verdicts: list[bool] = [False] * dist.get_world_size()
+    dist.all_gather_object(verdicts, succeeded)
+    return all(verdicts)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(directory: str | Path, iteration: int, model: nn.Module | list[nn.Module],
+                    optimizer: torch.optim.Optimizer | None, scheduler: Any | None, args: argparse.Namespace,
+                    grad_scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write this rank's share of the checkpoint for ``iteration`` and point the tracker at it; every rank calls
+    it. Returns this rank's file path.
+
+    Files are written inside ``iter_XXXXXXX.tmp``; once every rank has succeeded, global rank 0 renames the folder
+    into place and replaces the tracker atomically. Any failure (full disk, a crash on one rank) leaves the previous
+    checkpoint and tracker as they were and raises :class:`CheckpointError` on every rank.
     """
     directory = Path(directory)
-    pipeline_parallel = getattr(args, "pipeline_model_parallel_size", 1) > 1
-    final = checkpoint_name(directory, iteration, tp_rank, pp_rank, pipeline_parallel)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pipelined = getattr(args, "pipeline_model_parallel_size", 1) > 1
+    final = checkpoint_name(directory, iteration, tp_rank, pp_rank, pipelined)
     staging = final.parents[1].with_name(final.parents[1].name + ".tmp")
-    staged_file = staging / final.parent.name / final.name
-    shutil.rmtree(staging, ignore_errors=True)
-    staged_file.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None and grad_scaler.is_enabled() else None,
-        "rng_state": [get_rng_state()],
-        "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _is_plain(v)}),
-        "iteration": iteration,
-        "checkpoint_version": CHECKPOINT_VERSION,
-    }
-    try:
-        with open(staged_file, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if final.parents[1].exists():
-            shutil.rmtree(final.parents[1])
-        os.replace(staging, final.parents[1])
-        _write_tracker(directory, iteration)
-    except BaseException:
+    optimizer_state = optimizer_state_dict(optimizer) if optimizer is not None else None  # collective under ZeRO
+    global_rank_0 = not dist.is_initialized() or dist.get_rank() == 0
+    if global_rank_0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+    _barrier()
+    succeeded, error = True, None
+    if parallel_state.get_data_parallel_rank() == 0:
+        state = {
+            **model_state(_chunks(model)),
+            "optimizer": optimizer_state,
+            "opt_param_scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None and grad_scaler.is_enabled() else None,
+            "rng_state": [get_rng_state()],
+            "args": argparse.Namespace(**{k: v for k, v in vars(args).items() if _is_plain(v)}),
+            "iteration": iteration,
+            "checkpoint_version": CHECKPOINT_VERSION,
+        }
+        try:
+            staged_file = staging / final.parent.name / final.name
+            staged_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(staged_file, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except Exception as caught:  # reported after every rank has had its say
+            succeeded, error = False, caught
+    if not _all_ranks_succeeded(succeeded):
+        if global_rank_0:
+            shutil.rmtree(staging, ignore_errors=True)
+        _barrier()
+        detail = f": {error}" if error is not None else " on another rank"
+        raise CheckpointError(f"saving the checkpoint of iteration {iteration} to {directory} failed{detail}")
+    if global_rank_0:
+        try:
+            if final.parents[1].exists():
+                shutil.rmtree(final.parents[1])
+            os.replace(staging, final.parents[1])
+            _write_tracker(directory, iteration)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    _barrier()
     return final
 
 
@@ -163,23 +218,51 @@ def check_compatible(saved_args: argparse.Namespace | None, args: argparse.Names
         raise CheckpointError(f"checkpoint {path} was made for a different model: " + "; ".join(differences))
 
 
-def load_checkpoint(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any | None, args: argparse.Namespace, load_optim: bool = True,
-                    load_rng: bool = True, tp_rank: int = 0, pp_rank: int = 0,
-                    grad_scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict[str, Any]]:
-    """Load the tracked checkpoint of ``directory`` into model (and optimizer, scheduler, RNG when asked).
+def check_layout(saved_args: argparse.Namespace | None, args: argparse.Namespace, directory: Path) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint was saved at another tensor/pipeline layout."""
+    if saved_args is None:
+        return
+    saved = (getattr(saved_args, "tensor_model_parallel_size", 1),
+             getattr(saved_args, "pipeline_model_parallel_size", 1))
+    wanted = (getattr(args, "tensor_model_parallel_size", 1), getattr(args, "pipeline_model_parallel_size", 1))
+    if saved != wanted:
+        raise CheckpointError(
+            f"checkpoint {directory} was saved with tensor-parallel size {saved[0]} and pipeline-parallel size "
+            f"{saved[1]}, this run uses {wanted[0]} and {wanted[1]}: reshard it with tools/checkpoint/"
+            f"hybrid_conversion.py --load-dir {directory} --save-dir NEW_DIR --target-tp-size {wanted[0]} "
+            f"--target-pp-size {wanted[1]}")
 
-    Returns the iteration (0 for a release checkpoint) and the saved ``args`` as a dict. Architecture mismatches,
-    a missing tracker or file, or unexpected tensors raise :class:`CheckpointError` before anything is modified.
+
+def load_checkpoint(directory: str | Path, model: nn.Module | list[nn.Module],
+                    optimizer: torch.optim.Optimizer | None, scheduler: Any | None, args: argparse.Namespace,
+                    load_optim: bool = True, load_rng: bool = True,
+                    grad_scaler: torch.amp.GradScaler | None = None) -> tuple[int, dict[str, Any]]:
+    """Load this rank's file of the tracked checkpoint of ``directory`` into the model chunks (and optimizer,
+    scheduler, RNG when asked).
+
+    Returns the iteration (0 for a release checkpoint) and the saved ``args`` as a dict. A different parallel
+    layout, architecture mismatches, a missing tracker or file, or unexpected tensors raise :class:`CheckpointError`
+    before anything is modified.
     """
+    directory = Path(directory)
     iteration = read_tracker(directory)
     if iteration is None:
         raise CheckpointError(f"no {TRACKER_FILENAME} in {directory}: not a checkpoint directory")
-    path = checkpoint_name(directory, iteration, tp_rank, pp_rank, getattr(args, "pipeline_model_parallel_size", 1) > 1)
+    path = checkpoint_name(directory, iteration, parallel_state.get_tensor_model_parallel_rank(),
+                           parallel_state.get_pipeline_model_parallel_rank(),
+                           getattr(args, "pipeline_model_parallel_size", 1) > 1)
     state = load_state(path)
+    check_layout(state.get("args"), args, directory)
     check_compatible(state.get("args"), args, path)
+    chunks = _chunks(model)
+    keys = ["model"] if len(chunks) == 1 else [f"model{index}" for index in range(len(chunks))]
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} entry: it holds a different number "
+                              "of model chunks than this run's virtual pipeline")
     try:
-        model.load_state_dict(state["model"])
+        for chunk, key in zip(chunks, keys, strict=True):
+            chunk.load_state_dict(state[key])
     except RuntimeError as error:
         detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])
         raise CheckpointError(f"checkpoint {path} does not fit the model: {detail}") from None

@@ -12,11 +12,14 @@ from typing import Any
 
 
 class MetricsWriter:
-    """Writes ``{name: value}`` scalars at an iteration to every backend the arguments enable."""
+    """Writes ``{name: value}`` scalars at an iteration to every backend the arguments enable (on global rank 0
+    only: the logged values are the same on every rank)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self._tensorboard: Any = None
         self._wandb: Any = None
+        if getattr(args, "rank", 0) != 0:
+            return
         if getattr(args, "tensorboard_dir", None):
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -52,7 +52,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr(checkpointing.torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left"):
         save_checkpoint(tmp_path, 10, model, optimizer, None, args)
     monkeypatch.undo()
     assert read_tracker(tmp_path) == 5

@@ -101,6 +101,10 @@ class HybridModel(nn.Module):
             self.embedding = build_sharded(
                 lambda cfg: LanguageModelEmbedding(cfg, vocab_size, max_sequence_length, position_embedding_type),
                 config, seed, prefix="embedding.")
+            if not pre_process:  # the last stage's copy: only the word embeddings are used, to compute logits
+                self.embedding.word_embeddings.weight.shared_embedding_copy = True
+                if self.embedding.position_embeddings is not None:
+                    self.embedding.position_embeddings.weight.requires_grad_(False)
         self.rotary_pos_emb = None
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
