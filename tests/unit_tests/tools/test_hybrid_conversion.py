@@ -313,9 +313,11 @@ def test_vocab_repadding(sources, tmp_path):
     convert_checkpoint(tmp_path / "grown", tmp_path / "grown1", 1, 1, keep_optimizer=True)
     cut, grown = rank_file(tmp_path / "cut"), rank_file(tmp_path / "grown1")
     assert cut["args"].padded_vocab_size == 40 and cut["args"].true_vocab_size == 40
-    assert grown["args"].padded_vocab_size == padded_vocab_size(70, 8, 2) == 80
+    assert rank_file(tmp_path / "grown", 1)["args"].padded_vocab_size == padded_vocab_size(70, 8, 2) == 80
+    assert rank_file(tmp_path / "grown", 1)["model"][keys[0]].shape == (40, 32)
+    assert grown["args"].padded_vocab_size == padded_vocab_size(70, 8, 1) == 72
     for key in keys:
-        assert cut["model"][key].shape == (40, 32) and grown["model"][key].shape == (80, 32)
+        assert cut["model"][key].shape == (40, 32) and grown["model"][key].shape == (72, 32)
         for name in (None, "exp_avg", "exp_avg_sq"):
             assert torch.equal(first_rows(tmp_path / "cut", key, 40, name), first_rows(source, key, 40, name))
             assert torch.equal(first_rows(tmp_path / "grown1", key, 64, name), first_rows(source, key, 64, name))

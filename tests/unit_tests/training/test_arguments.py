@@ -391,3 +391,37 @@ def test_config_builds_the_model():
     assert model.hybrid_pattern == "MM*M"
     logits = model(torch.randint(0, 64, (1, 16)), torch.arange(16)[None])
     assert logits.shape[-1] == 64
+
+
+PARALLEL_ERRORS = [
+    # (world size, flags added to BASE, message fragment)
+    (3, ["--tensor-model-parallel-size", "3"],
+     "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (4, ["--tensor-model-parallel-size", "4", "--group-query-attention", "--num-query-groups", "2"],
+     "--num-query-groups 2 is not divisible by --tensor-model-parallel-size 4"),
+    (4, ["--tensor-model-parallel-size", "4"], r"Mamba heads \(8\) and --mamba-num-groups \(2\) must be divisible by "
+                                                "--tensor-model-parallel-size 4"),
+    (2, ["--tensor-model-parallel-size", "2", "--hybrid-mlp-ratio", "0.25", "--ffn-hidden-size", "33"],
+     "--ffn-hidden-size 33 is not divisible by --tensor-model-parallel-size 2"),
+    (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "15"],
+     "--seq-length 15 is not divisible by --tensor-model-parallel-size 2"),
+    (2, ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M|*|M"],
+     "3 pipeline segments, not a multiple of 2 pipeline stages"),
+]
+
+
+@pytest.mark.parametrize(("world", "extra", "message"), PARALLEL_ERRORS)
+def test_parallel_layout_errors_name_the_numbers(monkeypatch, world, extra, message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    argv = without(BASE, "--num-layers", "--hybrid-attention-ratio") if "--hybrid-layer-pattern" in extra else BASE
+    with pytest.raises(ArgumentError, match=message):
+        parse_args([*argv, *extra])
+
+
+def test_interleaved_pattern_sets_virtual_pipeline_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_args([*without(BASE, "--num-layers", "--hybrid-attention-ratio"), "--hybrid-layer-pattern",
+                       "M*|MM|M-|MM", "--pipeline-model-parallel-size", "2"])
+    assert args.virtual_pipeline_model_parallel_size == 2 and args.num_layers == 8
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parse_args([*BASE, "--pipeline-model-parallel-size", "2"]).virtual_pipeline_model_parallel_size is None

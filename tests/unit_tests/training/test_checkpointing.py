@@ -72,3 +72,13 @@ def test_mismatched_and_corrupt_checkpoints_are_named(tmp_path):
         load_checkpoint(tmp_path, model, None, None, args)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         load_checkpoint(tmp_path / "empty", model, None, None, args)
+
+
+def test_other_parallel_layout_is_refused_with_the_conversion_command(tmp_path):
+    model, optimizer, args = make_run()
+    args.tensor_model_parallel_size = 2  # as if saved by tensor-parallel rank 0 of two
+    save_checkpoint(tmp_path, 4, model, optimizer, None, args)
+    single = argparse.Namespace(**{**vars(args), "tensor_model_parallel_size": 1})
+    with pytest.raises(CheckpointError, match="saved with tensor-parallel size 2 and pipeline-parallel size 1, this "
+                                              "run uses 1 and 1: reshard it with tools/checkpoint/hybrid_conversion"):
+        load_checkpoint(tmp_path, model, None, None, single)

@@ -51,9 +51,7 @@ def train(save: Path, nproc: int, extra: list[str]) -> list[tuple[float, float]]
                str(ROOT / "pretrain_hybrid.py"), *FLAGS, *extra, "--save", str(save)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    steps = [(float(loss), float(norm)) for loss, norm in LOSS.findall(result.stdout)]
-    assert len(steps) == 3, result.stdout[-3000:]
-    return steps
+    return [(float(loss), float(norm)) for loss, norm in LOSS.findall(result.stdout)]
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +65,28 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[floa
 def test_layout_matches_single_process(layout, reference, tmp_path):
     nproc, extra = LAYOUTS[layout]
     steps = train(tmp_path / "ckpt", nproc, extra)
+    assert_matches(reference, steps, tmp_path / "ckpt")
+
+
+def test_resume_at_another_data_parallel_size(reference, tmp_path):
+    """PP2 x DP2 with the distributed optimizer stops after two steps; PP2 x DP1 resumes from that checkpoint (the
+    optimizer state was saved gathered): its third step is the uninterrupted run's third step."""
+    save = tmp_path / "ckpt"
+    first = train(save, 4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
+                            "--exit-interval", "2"])
+    resumed = train(save, 2, ["--pipeline-model-parallel-size", "2", "--load", str(save)])
+    assert_matches(reference, first + resumed, save)
+
+
+def assert_matches(reference: tuple[list[tuple[float, float]], dict[str, torch.Tensor]],
+                   steps: list[tuple[float, float]], checkpoint: Path) -> None:
+    """Same logged losses and grad norms as the reference run, and the same final parameters."""
     expected_steps, expected_params = reference
+    assert len(steps) == len(expected_steps)
     for (loss, norm), (expected_loss, expected_norm) in zip(steps, expected_steps, strict=True):
         assert loss == pytest.approx(expected_loss, rel=2e-6)
         assert norm == pytest.approx(expected_norm, abs=2e-3)  # logged with 3 decimals
-    params = gather_checkpoint(tmp_path / "ckpt", load_optimizer=False).tensors
+    params = gather_checkpoint(checkpoint, load_optimizer=False).tensors
     assert params.keys() == expected_params.keys()
     for name, value in params.items():
         torch.testing.assert_close(value, expected_params[name], rtol=0, atol=1e-5, msg=name)
