@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,9 +75,6 @@ _CHUNK_KEY = re.compile(r"^model(\d+)$")
 _CHUNK_NAME = re.compile(r"^model(\d+)\.(.+)$")
 _SUBLAYER_SYMBOL = {"mixer": MAMBA, "self_attention": ATTENTION, "mlp": MLP}
 _LAST_STAGE_PREFIXES = ("decoder.final_norm.", "output_layer.")
-_MODEL_FIELDS = ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "kv_channels",
-                 "ffn_hidden_size", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
-                 "mamba_version", "hybrid_layer_pattern")
 # Defaults of model arguments that checkpoints of older code may lack (the flag defaults of arguments.py).
 _ARG_DEFAULTS: dict[str, Any] = {
     "normalization": "LayerNorm", "norm_epsilon": 1e-5, "add_bias_linear": True, "add_qkv_bias": False,
@@ -234,7 +231,7 @@ def resolve_layout(tp: int, pp: int, vpp: int | None, pattern: str, *, flags: tu
         layers = len(pattern)
         if layers % stages:
             raise ReshardError(f"{layers} layers do not split evenly into {stages} pipeline stages; mark the "
-                               "stages with '|' in the layer pattern")
+                               "stages with '|' in the layer pattern (--target-layer-pattern)")
         if (vpp or 1) > 1:
             size = layers // stages
             pattern = STAGE_BOUNDARY.join(pattern[i:i + size] for i in range(0, layers, size))
@@ -272,7 +269,11 @@ def _complete_args(saved: argparse.Namespace, overrides: dict[str, Any] | None) 
         merged[name] = value
     args = argparse.Namespace(**merged)
     args.hybrid_layer_pattern = _source_pattern(args)
-    args.num_layers = len(strip_stage_boundaries(args.hybrid_layer_pattern))
+    layers = len(strip_stage_boundaries(args.hybrid_layer_pattern))
+    if args.num_layers is not None and args.num_layers != layers:
+        raise ReshardError(f"num_layers {args.num_layers} disagrees with the layer pattern "
+                           f"{args.hybrid_layer_pattern!r} ({layers} layers)")
+    args.num_layers = layers
     if args.hidden_size is None:
         raise ReshardError("the checkpoint's args lack hidden_size; give --hidden-size")
     if not isinstance(getattr(args, "params_dtype", None), torch.dtype):
@@ -374,13 +375,16 @@ def _source_layout(args: argparse.Namespace, first: dict[str, Any], first_path: 
     return layout
 
 
-def _globalize(local: str, stage: int, layout: Layout, segments: list[str], offsets: list[int],
+def _globalize(local: str, stage: int, layout: Layout, segments: list[str], offsets: list[int], tied: bool,
                path: Path) -> str | None:
-    """The global key of a stage-local key; None for the tied embedding copy of a later stage."""
+    """The global key of a stage-local key; None for the tied embedding copy of a later stage (``embedding.*``,
+    or Megatron's ``output_layer.weight`` on the last stage of a tied model)."""
     match = _LAYER_KEY.match(local)
     if match is None:
         if local.startswith("embedding."):
             return local if stage == 0 else None
+        if tied and local == "output_layer.weight" and stage > 0:
+            return None
         if local.startswith(_LAST_STAGE_PREFIXES) and stage != layout.num_stages - 1:
             raise CheckpointError(f"checkpoint {path}: {local!r} belongs on the last pipeline stage, found on "
                                   f"stage {stage}")
@@ -427,7 +431,7 @@ def _optimizer_entries(state: dict[str, Any], renames: list[dict[str, str]], chu
         names = group.get("param_names")
         if names is None or len(names) != len(group["params"]):
             return None
-        templates.append({k: v for k, v in group.items()} | {"params": [], "param_names": []})
+        templates.append(dict(group) | {"params": [], "param_names": []})
         for index, name in zip(group["params"], names, strict=True):
             chunk, local = 0, name
             if chunked:
@@ -453,17 +457,10 @@ def _merge_param_state(key: str, states: list[dict[str, Any]], shard_shapes: lis
     return merged
 
 
-def gather_checkpoint(directory: str | Path, *, load_optimizer: bool = True,
-                      overrides: dict[str, Any] | None = None, progress: bool = False) -> FullCheckpoint:
-    """Read every rank file of the checkpoint the tracker of ``directory`` names and merge it into full tensors
-    with global layer indices (legacy key spellings upgraded). With ``load_optimizer`` the per-parameter AdamW
-    state is gathered too (when every file holds it, with ``param_names``). ``overrides`` fill model arguments that
-    the saved args lack (``{"hidden_size": 2560, ...}``).
-
-    Raises ``CheckpointError`` (missing tracker / file, inconsistent shards), ``UnknownTensorError`` (a tensor no
-    split rule knows, named) or :class:`ReshardError`.
-    """
-    directory = Path(directory)
+def _open_source(directory: Path, overrides: dict[str, Any] | None
+                 ) -> tuple[FullCheckpoint, dict[tuple[int, int], Path], dict[str, Any]]:
+    """An empty :class:`FullCheckpoint` with the source's args, config and layout, the path of every rank file
+    (all checked to exist) and the already-read file of rank (0, 0)."""
     iteration = read_tracker(directory)
     if iteration is None:
         raise CheckpointError(f"no {TRACKER_FILENAME} in {directory}: not a checkpoint directory")
@@ -474,7 +471,6 @@ def gather_checkpoint(directory: str | Path, *, load_optimizer: bool = True,
         raise CheckpointError(f"checkpoint {first_path} has no saved args; give the model sizes on the command line")
     saved_args = saved_args if saved_args is not None else argparse.Namespace()
     args = _complete_args(saved_args, overrides)
-    config = _model_config(args)
     layout = _source_layout(args, first, first_path)
     if pipelined != (layout.pp > 1):
         raise CheckpointError(f"checkpoint {first_path}: folder naming does not match pipeline size {layout.pp}")
@@ -483,53 +479,81 @@ def gather_checkpoint(directory: str | Path, *, load_optimizer: bool = True,
     for path in paths.values():
         if not path.exists():
             raise CheckpointError(f"missing rank file {path} (the checkpoint's args give {layout.describe()})")
+    extras = {k: v for k, v in first.items() if k not in ("optimizer", "rng_state") and not _CHUNK_KEY.match(k)
+              and k != "model"}
+    full = FullCheckpoint(directory, iteration, int(first.get("iteration", 0) or 0), saved_args, _model_config(args),
+                          layout, {}, None, False, extras, {})
+    return full, paths, first
 
-    full = FullCheckpoint(directory, iteration, int(first.get("iteration", 0) or 0), saved_args, config, layout,
-                          {}, None, False, {k: v for k, v in first.items()
-                                            if k not in ("optimizer", "rng_state") and not k.startswith("model")},
-                          {})
+
+def _read_chunks(files: list[tuple[Path, dict[str, Any]]], layout: Layout
+                 ) -> list[list[tuple[dict[str, torch.Tensor], dict[str, str]]]]:
+    """Per file: each chunk's upgraded state dict and its key renames."""
+    per_file = []
+    for path, state in files:
+        chunks = [_upgrade(chunk, path) for chunk in _file_chunks(state, path)]
+        if len(chunks) != layout.chunks:
+            raise CheckpointError(f"checkpoint {path} holds {len(chunks)} model chunk(s), expected {layout.chunks}")
+        per_file.append(chunks)
+    return per_file
+
+
+def _read_optimizer_entries(files: list[tuple[Path, dict[str, Any]]], chunks_per_file: list[list[tuple[dict, dict]]],
+                            layout: Layout, templates: list[dict] | None
+                            ) -> tuple[list[dict[tuple[int, str], tuple[int, dict[str, Any]]]], list[dict]] | None:
+    """The optimizer entries of each file of one pipeline rank and the group templates; None when some file has no
+    usable optimizer state."""
+    found = [_optimizer_entries(state, [renames for _, renames in chunks], layout.chunks > 1, path)
+             for (path, state), chunks in zip(files, chunks_per_file, strict=True)]
+    if any(entry is None for entry in found):
+        return None
+    templates = templates or found[0][1]
+    if any(len(groups) != len(templates) for _, groups in found):
+        raise CheckpointError(f"the optimizer states of {files[0][0].parent.name} and its peers have different "
+                              "numbers of parameter groups")
+    return [entries for entries, _ in found], templates
+
+
+def gather_checkpoint(directory: str | Path, *, load_optimizer: bool = True,
+                      overrides: dict[str, Any] | None = None, progress: bool = False) -> FullCheckpoint:
+    """Read every rank file of the checkpoint the tracker of ``directory`` names and merge it into full tensors
+    with global layer indices (legacy key spellings upgraded). With ``load_optimizer`` the per-parameter AdamW
+    state is gathered too (when every file holds it, with ``param_names``). ``overrides`` fill model arguments that
+    the saved args lack (``{"hidden_size": 2560, ...}``). Holds one pipeline rank's files at a time.
+
+    Raises ``CheckpointError`` (missing tracker / file, inconsistent shards), ``UnknownTensorError`` (a tensor no
+    split rule knows, named) or :class:`ReshardError`.
+    """
+    full, paths, first = _open_source(Path(directory), overrides)
+    layout = full.layout
     segments, offsets = layout.segments(), layout.offsets()
     optimizer_parts: dict[str, tuple[int, dict[str, Any]]] = {}
-    optimizer_ok, templates = True, None
+    optimizer_ok, templates = load_optimizer, None
     bar = tqdm(total=len(paths), desc="reading rank files", unit="file", disable=not progress)
     for pp_rank in range(layout.pp):
         files = []
         for tp_rank in range(layout.tp):
             path = paths[(tp_rank, pp_rank)]
-            files.append((path, first if path == first_path else _read_file(path)))
+            files.append((path, first if (tp_rank, pp_rank) == (0, 0) else _read_file(path)))
             bar.update()
         full.rng_states.update({(t, pp_rank): state.get("rng_state") for t, (_, state) in enumerate(files)})
         full.has_optimizer = full.has_optimizer or any(state.get("optimizer") for _, state in files)
-        chunks_per_file = []
-        for path, state in files:
-            chunks = [_upgrade(chunk, path) for chunk in _file_chunks(state, path)]
-            if len(chunks) != layout.chunks:
-                raise CheckpointError(f"checkpoint {path} holds {len(chunks)} model chunk(s), expected "
-                                      f"{layout.chunks}")
-            chunks_per_file.append(chunks)
-        entries = None
-        if load_optimizer and optimizer_ok:
-            entries = [_optimizer_entries(state, [r for _, r in chunks], layout.chunks > 1, path)
-                       for (path, state), chunks in zip(files, chunks_per_file, strict=True)]
-            if any(e is None for e in entries):
-                optimizer_ok, entries = False, None
-            else:
-                templates = templates or entries[0][1]
-                if any(len(e[1]) != len(templates) for e in entries):
-                    raise CheckpointError(f"the optimizer files of pipeline rank {pp_rank} have different numbers "
-                                          "of parameter groups")
+        chunks_per_file = _read_chunks(files, layout)
+        found = _read_optimizer_entries(files, chunks_per_file, layout, templates) if optimizer_ok else None
+        optimizer_ok = found is not None
+        if found is not None:
+            templates = found[1]
         for chunk in range(layout.chunks):
-            stage = layout.stage(pp_rank, chunk)
             dicts = [chunks[chunk][0] for chunks in chunks_per_file]
-            _gather_stage(full, stage, dicts, [p for p, _ in files], segments, offsets,
-                          [e[0] for e in entries] if entries else None, chunk, optimizer_parts)
-        del files, chunks_per_file
+            _gather_stage(full, layout.stage(pp_rank, chunk), dicts, [p for p, _ in files], segments, offsets,
+                          found[0] if found else None, chunk, optimizer_parts)
+        del files, chunks_per_file, found
     bar.close()
     # Interleaved ranks were read rank by rank: put the tensors back in model (virtual stage) order.
     order = sorted(full.tensors, key=full.source_stage.__getitem__)
     full.tensors = {key: full.tensors[key] for key in order}
     _check_complete(full, segments)
-    if load_optimizer and optimizer_ok and full.has_optimizer and templates is not None:
+    if optimizer_ok and templates is not None:
         full.optimizer = OptimizerState(templates, {k: g for k, (g, _) in optimizer_parts.items()},
                                         {k: s for k, (_, s) in optimizer_parts.items() if s})
     return full
@@ -547,7 +571,7 @@ def _gather_stage(full: FullCheckpoint, stage: int, dicts: list[dict[str, torch.
             raise CheckpointError(f"tensor {extra!r} is in only some of the tensor-parallel files of stage {stage} "
                                   f"({paths[0].parent.name} vs {paths[t].parent.name})")
     for local in keys:
-        key = _globalize(local, stage, full.layout, segments, offsets, paths[0])
+        key = _globalize(local, stage, full.layout, segments, offsets, full.tied, paths[0])
         if key is None:
             continue
         _check_placement(key)
@@ -796,8 +820,9 @@ def _shard_param_state(key: str, param_state: dict[str, Any], full_tensor: torch
 def iter_split_checkpoint(full: FullCheckpoint, layout: Layout, *, keep_optimizer: bool = False,
                           true_vocab_size: int | None = None, reset_iterations: bool = False,
                           progress: bool = False) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
-    """Validate ``layout`` for ``full`` and yield ``((tp_rank, pp_rank), file dict)`` for every rank, one at a time
-    (so that only one rank's shards are in memory besides the full tensors). The vocabulary is re-padded for the
+    """Validate ``layout`` for ``full`` (now, raising before anything is produced) and return an iterator of
+    ``((tp_rank, pp_rank), file dict)`` for every rank, built one at a time (so that only one rank's shards are in
+    memory besides the full tensors). The vocabulary is re-padded for the
     target tensor-parallel size; ``reset_iterations`` writes iteration 0 with ``consumed_train_samples`` 0."""
     if keep_optimizer and full.optimizer is None:
         reason = "has none" if not full.has_optimizer else "lacks param_names or was not gathered"
@@ -809,10 +834,14 @@ def iter_split_checkpoint(full: FullCheckpoint, layout: Layout, *, keep_optimize
     tensors, optimizer_state = _repadded(full, padded)
     iteration = 0 if reset_iterations else full.file_iteration
     ranks = [(t, p) for p in range(layout.pp) for t in range(layout.tp)]
-    for tp_rank, pp_rank in tqdm(ranks, desc="splitting", unit="rank", disable=not progress):
-        yield (tp_rank, pp_rank), build_rank_file(full, layout, tp_rank, pp_rank, tensors=tensors,
-                                                  optimizer_state=optimizer_state, keep_optimizer=keep_optimizer,
-                                                  args=args, iteration=iteration)
+
+    def files() -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
+        for tp_rank, pp_rank in tqdm(ranks, desc="splitting", unit="rank", disable=not progress):
+            yield (tp_rank, pp_rank), build_rank_file(full, layout, tp_rank, pp_rank, tensors=tensors,
+                                                      optimizer_state=optimizer_state,
+                                                      keep_optimizer=keep_optimizer, args=args, iteration=iteration)
+
+    return files()
 
 
 def split_checkpoint(full: FullCheckpoint, tp: int, pp: int, vpp: int | None = None, pattern: str | None = None,
@@ -830,13 +859,14 @@ def split_checkpoint(full: FullCheckpoint, tp: int, pp: int, vpp: int | None = N
 def _check_save_dir(save_dir: Path, load_dir: Path | None) -> None:
     if load_dir is not None and save_dir.resolve() == load_dir.resolve():
         raise ReshardError(f"--save-dir {save_dir} is the --load-dir: write the converted checkpoint elsewhere")
+    if load_dir is not None and save_dir.resolve().is_relative_to(load_dir.resolve()):
+        raise ReshardError(f"--save-dir {save_dir} is inside the --load-dir {load_dir}: write it elsewhere")
     if save_dir.exists() and (not save_dir.is_dir() or any(save_dir.iterdir())):
         raise ReshardError(f"--save-dir {save_dir} already exists and is not an empty directory")
 
 
 def write_checkpoint(save_dir: str | Path, files: Iterable[tuple[tuple[int, int], dict[str, Any]]],
-                     iteration: int | str, pipeline_parallel: bool, *,
-                     on_file: Callable[[Path], None] | None = None) -> int:
+                     iteration: int | str, pipeline_parallel: bool) -> int:
     """Write the rank ``files`` (and the tracker, naming ``iteration``) into a temporary sibling of ``save_dir``
     that is renamed to ``save_dir`` once everything is written; on any error nothing is left behind.
     ``save_dir`` must not exist or be empty. Returns the number of files written."""
@@ -850,10 +880,11 @@ def write_checkpoint(save_dir: str | Path, files: Iterable[tuple[tuple[int, int]
         for (tp_rank, pp_rank), state in files:
             path = checkpoint_name(staging, iteration, tp_rank, pp_rank, pipeline_parallel)
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, path)
+            with open(path, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
             count += 1
-            if on_file is not None:
-                on_file(path)
         (staging / TRACKER_FILENAME).write_text(str(iteration))
         if save_dir.exists():
             save_dir.rmdir()

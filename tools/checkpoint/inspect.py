@@ -130,7 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = describe(full)
     except (ReshardError, CheckpointError, UnknownTensorError, ValueError) as error:
         fail(str(error))
-    print(json.dumps(report, indent=2) if args.json else render(report))
+    try:
+        print(json.dumps(report, indent=2) if args.json else render(report), flush=True)
+    except BrokenPipeError:  # e.g. piped into `head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

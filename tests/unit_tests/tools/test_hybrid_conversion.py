@@ -283,6 +283,20 @@ def test_legacy_key_spellings_are_accepted_and_renamed(sources, tmp_path):
     assert_same(rank_file(source)["model"], rank_file(tmp_path / "back")["model"])
 
 
+def test_megatron_tied_output_layer_copy_is_accepted(sources, tmp_path):
+    """Megatron's last stage of a tied model stores its copy of the word embeddings as ``output_layer.weight``."""
+    source, _, _ = sources["tied"]
+    convert_checkpoint(source, tmp_path / "pp2", 1, 2)
+    path = checkpoint_name(tmp_path / "pp2", ITERATION, 0, 1, True)
+    state = load_state(path)
+    copy = state["model"].pop("embedding.word_embeddings.weight")
+    del state["model"]["embedding.position_embeddings.weight"]
+    state["model"]["output_layer.weight"] = copy
+    torch.save(state, path)
+    convert_checkpoint(tmp_path / "pp2", tmp_path / "back", 1, 1)
+    assert_same(rank_file(source)["model"], rank_file(tmp_path / "back")["model"])
+
+
 # ---------------------------------------------------------------------------------------------- vocabulary padding
 
 def test_vocab_repadding(sources, tmp_path):
@@ -395,16 +409,18 @@ def test_errors_are_one_line_exit_2_and_write_nothing(sources, tmp_path, tool, c
     assert sorted(p for p in source.rglob("*")) == before
 
 
-def test_save_dir_equal_to_load_dir_is_refused(sources, tmp_path):
+def test_save_dir_equal_to_load_dir_is_refused(sources, tmp_path, tool, capsys):
     source = tmp_path / "source"
     shutil.copytree(sources["mamba2_swiglu_untied"][0], source)
     before = {p: p.stat().st_mtime_ns for p in source.rglob("*")}
-    result = run_script("--load-dir", str(source), "--save-dir", str(source), "--target-tp-size", "2",
-                        "--target-pp-size", "1")
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "is the --load-dir" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main(["--load-dir", str(source), "--save-dir", str(source) + "/", "--target-tp-size", "2",
+                   "--target-pp-size", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "is the --load-dir" in err
     assert {p: p.stat().st_mtime_ns for p in source.rglob("*")} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
 def test_failed_write_leaves_nothing(sources, tmp_path, monkeypatch):
