@@ -470,8 +470,9 @@ def _validate_pattern(args: argparse.Namespace) -> None:
         segments = pipeline_segments(pattern, pp)
     except ValueError as error:
         _fail(f"--pipeline-model-parallel-size {pp}: {error}")
-    # More '|' segments than stages: each rank holds several model chunks (the interleaved schedule).
-    args.virtual_pipeline_model_parallel_size = len(segments) // pp if len(segments) > pp else None
+    # More '|' segments than stages: each rank holds several model chunks (the interleaved schedule). Without
+    # pipelining the '|' marks are ignored.
+    args.virtual_pipeline_model_parallel_size = len(segments) // pp if pp > 1 and len(segments) > pp else None
     args.hybrid_layer_pattern = pattern
     args.num_layers = len(strip_stage_boundaries(pattern))
 

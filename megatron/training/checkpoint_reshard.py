@@ -67,9 +67,8 @@ __all__ = [
 ]
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-# The last stage of a tied model holds a copy of every ``embedding.*`` tensor; only the word embeddings are trained
-# there (the model freezes the copy of the position embeddings), so only they get optimizer state.
-TIED_COPY_TRAINED = ("embedding.word_embeddings.weight",)
+# The last stage of a tied model holds a copy of the word embeddings (to compute logits), nothing else of the embedding.
+TIED_COPY = "embedding.word_embeddings.weight"
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _CHUNK_KEY = re.compile(r"^model(\d+)$")
 _CHUNK_NAME = re.compile(r"^model(\d+)\.(.+)$")
@@ -735,7 +734,7 @@ def _stage_keys(full: FullCheckpoint, layout: Layout, stage: int, keys: Iterable
             if start <= index < end:
                 placed.append((key, f"decoder.layers.{index - start}.{match[2]}"))
         elif key.startswith("embedding."):
-            if stage == 0 or tied_copy:
+            if stage == 0 or (tied_copy and key == TIED_COPY):
                 placed.append((key, key))
         elif last:
             placed.append((key, key))
@@ -782,13 +781,10 @@ def _rank_optimizer(full: FullCheckpoint, layout: Layout, tp_rank: int,
     """This rank's AdamW state dict: the source groups, parameters in model order, state indices 0..n-1."""
     source = full.optimizer
     names: list[list[tuple[str, str]]] = [[] for _ in source.groups]
-    for chunk, stage, placed in stages:
-        copy_stage = stage != 0
+    for chunk, _stage, placed in stages:
         for key, local in placed:
             if key not in source.group_of:
                 continue
-            if copy_stage and key.startswith("embedding.") and key not in TIED_COPY_TRAINED:
-                continue  # the frozen copy of the position embeddings on the last stage of a tied model
             name = f"model{chunk}.{local}" if layout.chunks > 1 else local
             names[source.group_of[key]].append((key, name))
     groups, state, index = [], {}, 0

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core import parallel_state
+from megatron.core.models.hybrid.hybrid_layer_allocation import pipeline_segments, strip_stage_boundaries
 from megatron.core.optimizer import optimizer_state_dict
 from megatron.core.tensor_parallel.random import get_rng_tracker
 
@@ -201,7 +202,7 @@ def load_state(path: str | Path) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or not ("model" in state or "model0" in state):
         raise CheckpointError(f"checkpoint {path} has no 'model' entry")
     return state
 
@@ -210,10 +211,16 @@ def check_compatible(saved_args: argparse.Namespace | None, args: argparse.Names
     """Raise :class:`CheckpointError` naming every architecture argument on which the checkpoint and run differ."""
     if saved_args is None:
         return
+
+    def value(source: argparse.Namespace, name: str) -> Any:
+        found = getattr(source, name)
+        # Where the '|' stage marks fall is a layout question (check_layout), not an architecture one.
+        return strip_stage_boundaries(found) if name == "hybrid_layer_pattern" and found else found
+
     differences = [f"{name} {getattr(saved_args, name)!r} in the checkpoint vs {getattr(args, name)!r}"
                    for name in ARCHITECTURE_ARGS
                    if hasattr(saved_args, name) and hasattr(args, name)
-                   and getattr(saved_args, name) != getattr(args, name)]
+                   and value(saved_args, name) != value(args, name)]
     if differences:
         raise CheckpointError(f"checkpoint {path} was made for a different model: " + "; ".join(differences))
 
@@ -231,6 +238,23 @@ def check_layout(saved_args: argparse.Namespace | None, args: argparse.Namespace
             f"{saved[1]}, this run uses {wanted[0]} and {wanted[1]}: reshard it with tools/checkpoint/"
             f"hybrid_conversion.py --load-dir {directory} --save-dir NEW_DIR --target-tp-size {wanted[0]} "
             f"--target-pp-size {wanted[1]}")
+    saved_stages, stages = _stage_patterns(saved_args), _stage_patterns(args)
+    if saved_stages and stages and saved_stages != stages:
+        raise CheckpointError(
+            f"checkpoint {directory} splits the layers into pipeline stages {'|'.join(saved_stages)}, this run into "
+            f"{'|'.join(stages)}: pass --hybrid-layer-pattern '{'|'.join(saved_stages)}' or reshard it with "
+            f"tools/checkpoint/hybrid_conversion.py --target-layer-pattern '{'|'.join(stages)}'")
+
+
+def _stage_patterns(args: argparse.Namespace) -> list[str] | None:
+    """The layer pattern of each (virtual) pipeline stage, or None without pipelining or a recorded pattern."""
+    pattern, stages = getattr(args, "hybrid_layer_pattern", None), getattr(args, "pipeline_model_parallel_size", 1)
+    if not pattern or stages == 1:
+        return None
+    try:
+        return pipeline_segments(pattern, stages)
+    except ValueError:
+        return None
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module | list[nn.Module],

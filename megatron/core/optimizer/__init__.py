@@ -10,7 +10,6 @@ state of its share of the parameters and broadcasts its updated parameters after
 from __future__ import annotations
 
 import torch
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megatron.core import parallel_state
 
@@ -86,6 +85,8 @@ def get_megatron_optimizer(
         group["weight_decay"] = weight_decay * group["wd_mult"]
     fused = all(p.is_cuda and p.is_floating_point() for p in params)
     if use_distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # imported here: it costs ~2 s of start-up
+
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
                                        process_group=parallel_state.get_data_parallel_group(), lr=lr,
                                        betas=(adam_beta1, adam_beta2), eps=adam_eps, weight_decay=weight_decay,
@@ -97,7 +98,7 @@ def get_megatron_optimizer(
 def optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict | None:
     """The optimizer's full AdamW state dict. For the sharded (ZeRO) optimizer every data-parallel rank must call
     this (it gathers the shards); data-parallel rank 0 receives the state, the others get None."""
-    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+    if not hasattr(optimizer, "consolidate_state_dict"):  # a plain optimizer, not torch's ZeroRedundancyOptimizer
         return optimizer.state_dict()
     optimizer.consolidate_state_dict(to=0)
     return optimizer.state_dict() if parallel_state.get_data_parallel_rank() == 0 else None

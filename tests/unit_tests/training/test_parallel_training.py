@@ -55,9 +55,14 @@ def train(save: Path, nproc: int, extra: list[str]) -> list[tuple[float, float]]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[tuple[float, float]], dict[str, torch.Tensor]]:
+def reference_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[float, float]]]:
     save = tmp_path_factory.mktemp("reference")
-    steps = train(save, 1, [])
+    return save, train(save, 1, [])
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir) -> tuple[list[tuple[float, float]], dict[str, torch.Tensor]]:
+    save, steps = reference_dir
     return steps, gather_checkpoint(save, load_optimizer=False).tensors
 
 
@@ -69,13 +74,40 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
 
 
 def test_resume_at_another_data_parallel_size(reference, tmp_path):
-    """PP2 x DP2 with the distributed optimizer stops after two steps; PP2 x DP1 resumes from that checkpoint (the
-    optimizer state was saved gathered): its third step is the uninterrupted run's third step."""
+    """Interleaved PP2 x DP2 with the distributed optimizer stops after two steps; interleaved PP2 x DP1 resumes from
+    that checkpoint (two model chunks per file, optimizer state saved gathered): its third step is the uninterrupted
+    run's third step."""
     save = tmp_path / "ckpt"
-    first = train(save, 4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
-                            "--exit-interval", "2"])
-    resumed = train(save, 2, ["--pipeline-model-parallel-size", "2", "--load", str(save)])
+    interleaved = ["--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M*|-M|*-|M-"]
+    first = train(save, 4, [*interleaved, "--use-distributed-optimizer", "--exit-interval", "2"])
+    resumed = train(save, 2, [*interleaved, "--load", str(save)])
     assert_matches(reference, first + resumed, save)
+
+
+VALID_LOSS = re.compile(r"validation loss at the end \| lm loss value: ([0-9.E+-]+)")
+
+
+def test_resharded_checkpoint_evaluates_the_same(reference_dir, tmp_path):
+    """The single-process checkpoint resharded to TP2 x PP2 (uneven '|' stages) gives the same validation loss."""
+    source, _ = reference_dir
+    converted = tmp_path / "tp2pp2"
+    subprocess.run([sys.executable, str(ROOT / "tools/checkpoint/hybrid_conversion.py"), "--load-dir", str(source),
+                    "--save-dir", str(converted), "--target-tp-size", "2", "--target-pp-size", "2",
+                    "--target-layer-pattern", "M*-M*|-M-"], check=True, capture_output=True, cwd=ROOT)
+    evaluate = ["--skip-train", "--eval-iters", "2"]
+    expected = evaluate_loss(source, 1, evaluate)
+    actual = evaluate_loss(converted, 4, [*evaluate, "--tensor-model-parallel-size", "2",
+                                          "--pipeline-model-parallel-size", "2", "--hybrid-layer-pattern", "M*-M*|-M-"])
+    assert actual == pytest.approx(expected, rel=2e-6)
+
+
+def evaluate_loss(checkpoint: Path, nproc: int, extra: list[str]) -> float:
+    """The end-of-run validation loss of pretrain_hybrid.py loading ``checkpoint``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               str(ROOT / "pretrain_hybrid.py"), *FLAGS, *extra, "--load", str(checkpoint)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return float(VALID_LOSS.search(result.stdout)[1])
 
 
 def assert_matches(reference: tuple[list[tuple[float, float]], dict[str, torch.Tensor]],

@@ -75,10 +75,13 @@ class HybridModel(nn.Module):
         full_pattern = strip_stage_boundaries(pattern)
         if not config.num_layers:  # taken from the pattern; the caller's config is left untouched
             config = dataclasses.replace(config, num_layers=len(full_pattern))
-        segments = pipeline_segments(pattern, num_pipeline_stages)
-        if not 0 <= pipeline_stage < len(segments):
-            raise ValueError(f"pipeline stage {pipeline_stage} does not exist: the pattern has {len(segments)} "
-                             "pipeline segments")
+        segments = pipeline_segments(pattern, num_pipeline_stages) if num_pipeline_stages > 1 else [full_pattern]
+        if len(segments) != num_pipeline_stages:
+            raise ValueError(f"the layer pattern {pattern!r} has {len(segments)} pipeline segments but the model is "
+                             f"split into {num_pipeline_stages} stages")
+        if not 0 <= pipeline_stage < num_pipeline_stages:
+            raise ValueError(f"pipeline stage {pipeline_stage} does not exist: the model has {num_pipeline_stages} "
+                             "stages")
         self.hybrid_pattern = segments[pipeline_stage]
         layer_offset = sum(len(segment) for segment in segments[:pipeline_stage])
         if ATTENTION in self.hybrid_pattern and config.num_attention_heads <= 0:
@@ -97,14 +100,14 @@ class HybridModel(nn.Module):
         seed = torch.initial_seed()
         self.embedding = None
         if pre_process or (post_process and share_embeddings_and_output_weights):
-            # The last stage of a tied model keeps a copy of the embedding; the same seed makes it identical.
+            # The last stage of a tied model keeps a copy of the word embeddings (the same seed makes it identical;
+            # their gradients are summed every step). It needs no position embeddings.
+            embedding_type = position_embedding_type if pre_process else "none"
             self.embedding = build_sharded(
-                lambda cfg: LanguageModelEmbedding(cfg, vocab_size, max_sequence_length, position_embedding_type),
+                lambda cfg: LanguageModelEmbedding(cfg, vocab_size, max_sequence_length, embedding_type),
                 config, seed, prefix="embedding.")
-            if not pre_process:  # the last stage's copy: only the word embeddings are used, to compute logits
+            if not pre_process:
                 self.embedding.word_embeddings.weight.shared_embedding_copy = True
-                if self.embedding.position_embeddings is not None:
-                    self.embedding.position_embeddings.weight.requires_grad_(False)
         self.rotary_pos_emb = None
         if position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
