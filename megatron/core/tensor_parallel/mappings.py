@@ -6,6 +6,9 @@ between tensor-parallel regions. Every function is the identity when the tensor-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.distributed as dist
 
@@ -48,78 +51,21 @@ def _reduce_scatter(x: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
-class _CopyToRegion(torch.autograd.Function):
-    """Forward identity, backward all-reduce: a replicated input feeding rank-specific computation."""
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class _Mapping(torch.autograd.Function):
+    """A collective ``forward`` whose gradient is the collective ``backward`` (each a tensor -> tensor function)."""
 
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return x
+    def forward(ctx: object, x: torch.Tensor, forward: Callable, backward: Callable) -> torch.Tensor:
+        ctx.backward_fn = backward
+        return forward(x)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(grad)
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    """Forward all-reduce, backward identity: partial sums becoming a replicated output."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(x)
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return grad
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    """Forward all-gather along ``dim``, backward keep this rank's slice."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor, dim: int) -> torch.Tensor:
-        ctx.dim = dim
-        return _all_gather(x, dim)
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _split(grad, ctx.dim), None
-
-
-class _ScatterToSequence(torch.autograd.Function):
-    """Forward keep this rank's sequence slice, backward all-gather."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return _split(x, SEQUENCE_DIM)
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return _all_gather(grad, SEQUENCE_DIM)
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    """Forward all-gather of sequence slices, backward reduce-scatter (the gathered tensor feeds rank-specific
-    computation, so each rank's gradient is a partial sum)."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return _all_gather(x, SEQUENCE_DIM)
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return _reduce_scatter(grad, SEQUENCE_DIM)
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    """Forward reduce-scatter of partial sums into sequence slices, backward all-gather."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return _reduce_scatter(x, SEQUENCE_DIM)
-
-    @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
-        return _all_gather(grad, SEQUENCE_DIM)
+    def backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.backward_fn(grad), None, None
 
 
 def _parallel() -> bool:
@@ -127,30 +73,42 @@ def _parallel() -> bool:
 
 
 def copy_to_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Identity forward; gradients summed over tensor-parallel ranks."""
-    return _CopyToRegion.apply(x) if _parallel() else x
+    """Identity forward; gradients summed over tensor-parallel ranks (a replicated input feeding rank-specific
+    computation)."""
+    return _Mapping.apply(x, _identity, _all_reduce) if _parallel() else x
 
 
 def reduce_from_tensor_model_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Sum over tensor-parallel ranks; gradient passed through."""
-    return _ReduceFromRegion.apply(x) if _parallel() else x
+    """Sum of partial results over tensor-parallel ranks; gradient passed through."""
+    return _Mapping.apply(x, _all_reduce, _identity) if _parallel() else x
 
 
 def gather_from_tensor_model_parallel_region(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """Concatenate the ranks' slices along ``dim`` (the last by default: vocab-parallel logits)."""
-    return _GatherFromRegion.apply(x, dim % x.ndim) if _parallel() else x
+    """Concatenate the ranks' slices along ``dim`` (the last by default: vocab-parallel logits); the gradient keeps
+    this rank's slice."""
+    if not _parallel():
+        return x
+    dim %= x.ndim
+    return _Mapping.apply(x, partial(_all_gather, dim=dim), partial(_split, dim=dim))
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """``(b, s, h) -> (b, s / tp, h)``: this rank's slice of the sequence."""
-    return _ScatterToSequence.apply(x) if _parallel() else x
+    """``(b, s, h) -> (b, s / tp, h)``: this rank's slice of the sequence; gradients all-gathered."""
+    if not _parallel():
+        return x
+    return _Mapping.apply(x, partial(_split, dim=SEQUENCE_DIM), partial(_all_gather, dim=SEQUENCE_DIM))
 
 
 def gather_from_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """``(b, s / tp, h) -> (b, s, h)``; gradients reduce-scattered back."""
-    return _GatherFromSequence.apply(x) if _parallel() else x
+    """``(b, s / tp, h) -> (b, s, h)``; gradients (partial sums: the gathered tensor feeds rank-specific computation)
+    reduce-scattered back."""
+    if not _parallel():
+        return x
+    return _Mapping.apply(x, partial(_all_gather, dim=SEQUENCE_DIM), partial(_reduce_scatter, dim=SEQUENCE_DIM))
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor) -> torch.Tensor:
-    """Partial sums ``(b, s, h)`` -> summed slice ``(b, s / tp, h)``."""
-    return _ReduceScatterToSequence.apply(x) if _parallel() else x
+    """Partial sums ``(b, s, h)`` -> summed slice ``(b, s / tp, h)``; gradients all-gathered."""
+    if not _parallel():
+        return x
+    return _Mapping.apply(x, partial(_reduce_scatter, dim=SEQUENCE_DIM), partial(_all_gather, dim=SEQUENCE_DIM))
