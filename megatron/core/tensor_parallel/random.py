@@ -48,9 +48,10 @@ class RNGStatesTracker:
         _set_state(saved)
 
     @contextlib.contextmanager
-    def fork(self, name: str = MODEL_PARALLEL_RNG) -> Iterator[None]:
-        """Run the block on stream ``name`` (a no-op when it was never added, as in a plain single process)."""
-        if name not in self.states:
+    def fork(self, name: str = MODEL_PARALLEL_RNG, enabled: bool = True) -> Iterator[None]:
+        """Run the block on stream ``name`` (a no-op when it was never added, as in a plain single process, or when
+        not ``enabled``: a block that draws nothing need not pay for swapping generator states)."""
+        if not enabled or name not in self.states:
             yield
             return
         saved = _get_state()

@@ -59,11 +59,12 @@ class SelfAttention(nn.Module):
         if inference_params is not None:
             offset = inference_params.sequence_len_offset
             key, value = self._update_kv_cache(inference_params, key, value, offset)
-        with get_rng_tracker().fork():  # each rank drops out its own heads' probabilities
+        dropout = self.dropout if self.training else 0.0
+        with get_rng_tracker().fork(enabled=dropout > 0):  # each rank drops out its own heads' probabilities
             out = F.scaled_dot_product_attention(
                 query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                 attn_mask=_causal_mask(s, offset, hidden.device) if offset and s > 1 else None,
-                dropout_p=self.dropout if self.training else 0.0,
+                dropout_p=dropout,
                 is_causal=offset == 0 and s > 1,
                 enable_gqa=self.num_groups != self.num_heads,
             )

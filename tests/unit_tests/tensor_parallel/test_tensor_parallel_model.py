@@ -6,6 +6,7 @@ parameter gradient (after the training step's gradient reductions) against the m
 gradient. Covered: Mamba1 and Mamba2 mixers, GQA
 attention with RoPE or learned absolute positions, GELU / SwiGLU MLPs with biases, LayerNorm and RMSNorm, tied and
 untied embeddings, with and without sequence parallelism. Tolerance 1e-5 (float32, reductions split across ranks).
+Dropout: replicated activations draw identical masks on every tensor-parallel rank, rank-specific ones do not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.models.hybrid import HybridModel
+from megatron.core.tensor_parallel.random import get_rng_tracker, model_parallel_manual_seed
 from megatron.core.tensor_parallel.sharding import shard_tensor, tp_split_rule
 from megatron.core.transformer import TransformerConfig
 
@@ -35,12 +37,12 @@ CONFIGS = [
 
 
 def _model(settings: dict, tp: int) -> HybridModel:
-    settings = dict(settings)
+    settings = {"hidden_dropout": 0.0, "attention_dropout": 0.0, **settings}
     position, tied = settings.pop("position_embedding_type"), settings.pop("tied")
     config = TransformerConfig(
         hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48, mamba_head_dim=8,
-        mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=8, mamba1_dt_rank=4, hidden_dropout=0.0,
-        attention_dropout=0.0, tensor_model_parallel_size=tp, **settings)
+        mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=8, mamba1_dt_rank=4, tensor_model_parallel_size=tp,
+        **settings)
     torch.manual_seed(42)
     return HybridModel(config, 64, 32, hybrid_layer_pattern="M*-M", position_embedding_type=position,
                        share_embeddings_and_output_weights=tied)
@@ -76,9 +78,33 @@ def _check(rank: int, port: int) -> None:
                 rule = tp_split_rule(name, full_config)
                 expected = shard_tensor(expected_grads[name].grad, rule, rank, 2)
                 torch.testing.assert_close(param.grad, expected, rtol=0, atol=1e-5, msg=f"{settings}: {name}")
+        _check_dropout_streams(tokens)
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def _gather(value: torch.Tensor) -> list[torch.Tensor]:
+    gathered = [torch.empty_like(value) for _ in range(2)]
+    dist.all_gather(gathered, value.contiguous())
+    return gathered
+
+
+def _check_dropout_streams(tokens: torch.Tensor) -> None:
+    """The default stream is the same on both tensor-parallel ranks (replicated activations get the same dropout
+    mask, so the replicated loss stays identical), the tensor-parallel stream differs."""
+    model_parallel_manual_seed(5)
+    default = _gather(torch.rand(4))
+    with get_rng_tracker().fork():
+        forked = _gather(torch.rand(4))
+    assert torch.equal(default[0], default[1]) and not torch.equal(forked[0], forked[1])
+    settings = {**CONFIGS[1], "hidden_dropout": 0.3, "attention_dropout": 0.3}
+    model = _model(settings, 2)
+    model.train()
+    losses = _gather(model(tokens[:, :-1], labels=tokens[:, 1:]).detach())
+    assert torch.equal(losses[0], losses[1])
+    model.eval()
+    assert not torch.equal(losses[0], model(tokens[:, :-1], labels=tokens[:, 1:]).detach())  # dropout was active
 
 
 def test_tensor_parallel_models_match_single_process():

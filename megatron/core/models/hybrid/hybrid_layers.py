@@ -32,9 +32,8 @@ class ResidualLayer(nn.Module):
 
     def residual(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``hidden + dropout(out)``, both ``(b, s, hidden)``."""
-        if not self.sequence_parallel:
-            return hidden + self.dropout(out)
-        with get_rng_tracker().fork():
+        drops = self.training and self.dropout.p > 0
+        with get_rng_tracker().fork(enabled=self.sequence_parallel and drops):
             return hidden + self.dropout(out)
 
 

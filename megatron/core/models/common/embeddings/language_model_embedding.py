@@ -36,8 +36,8 @@ class LanguageModelEmbedding(nn.Module):
         embeddings = self.word_embeddings(input_ids)
         if self.position_embeddings is not None:
             embeddings = embeddings + self.position_embeddings(position_ids)
-        if not self.sequence_parallel:
-            return self.embedding_dropout(embeddings)
-        embeddings = scatter_to_sequence_parallel_region(embeddings)
-        with get_rng_tracker().fork():
+        if self.sequence_parallel:
+            embeddings = scatter_to_sequence_parallel_region(embeddings)
+        drops = self.training and self.embedding_dropout.p > 0
+        with get_rng_tracker().fork(enabled=self.sequence_parallel and drops):
             return self.embedding_dropout(embeddings)
