@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from megatron.training.checkpoint_reshard import gather_checkpoint
+from megatron.training.checkpointing import checkpoint_name, load_state
 
 ROOT = Path(__file__).resolve().parents[3]
 # A tiny model with Mamba2, attention (GQA) and SwiGLU MLP layers, untied embeddings; vocab 61 pads to 64 at any TP.
@@ -45,10 +46,10 @@ LAYOUTS = {
 LOSS = re.compile(r"lm loss: ([0-9.E+-]+) \| grad norm: ([0-9.]+)")
 
 
-def train(save: Path, nproc: int, extra: list[str]) -> list[tuple[float, float]]:
+def train(save: Path, nproc: int, extra: list[str], flags: list[str] = FLAGS) -> list[tuple[float, float]]:
     """Run pretrain_hybrid.py on ``nproc`` local processes; returns the logged (loss, grad norm) per iteration."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               str(ROOT / "pretrain_hybrid.py"), *FLAGS, *extra, "--save", str(save)]
+               str(ROOT / "pretrain_hybrid.py"), *flags, *extra, "--save", str(save)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [(float(loss), float(norm)) for loss, norm in LOSS.findall(result.stdout)]
@@ -122,3 +123,16 @@ def assert_matches(reference: tuple[list[tuple[float, float]], dict[str, torch.T
     assert params.keys() == expected_params.keys()
     for name, value in params.items():
         torch.testing.assert_close(value, expected_params[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_tied_embeddings_stay_in_sync_across_pipeline_stages(tmp_path):
+    """With tied embeddings the last stage keeps a copy of the word embeddings; PP2 x DP2 sums both copies'
+    gradients every step, so losses and the saved (first-stage) embedding match one process."""
+    tied = [flag for flag in FLAGS if flag != "--untie-embeddings-and-output-weights"]
+    expected = train(tmp_path / "one", 1, [], flags=tied)
+    steps = train(tmp_path / "pp2dp2", 4, ["--pipeline-model-parallel-size", "2"], flags=tied)
+    reference = (expected, gather_checkpoint(tmp_path / "one", load_optimizer=False).tensors)
+    assert_matches(reference, steps, tmp_path / "pp2dp2")
+    last_stage = load_state(checkpoint_name(tmp_path / "pp2dp2", 3, 0, 1, pipeline_parallel=True))["model"]
+    torch.testing.assert_close(last_stage["embedding.word_embeddings.weight"],
+                               reference[1]["embedding.word_embeddings.weight"], rtol=0, atol=1e-5)
