@@ -26,15 +26,32 @@ class InferenceParams:
         self.max_sequence_length = max_sequence_length
         self.sequence_len_offset = 0
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.recurrent_layers: set[int] = set()
         self._transposed: dict[int, tuple[int, torch.Tensor]] = {}
 
     def layer_state(
-        self, layer_number: int, allocate: Callable[[], tuple[torch.Tensor, ...]]
+        self, layer_number: int, allocate: Callable[[], tuple[torch.Tensor, ...]], recurrent: bool = False
     ) -> tuple[torch.Tensor, ...]:
-        """The cache tensors of one layer, allocated by ``allocate()`` on first use."""
+        """The cache tensors of one layer, allocated by ``allocate()`` on first use. ``recurrent`` states (Mamba)
+        summarise the whole past and are overwritten every step; KV caches are indexed by position."""
         if layer_number not in self.key_value_memory_dict:
             self.key_value_memory_dict[layer_number] = allocate()
+            if recurrent:
+                self.recurrent_layers.add(layer_number)
         return self.key_value_memory_dict[layer_number]
+
+    def snapshot(self) -> tuple[int, dict[int, tuple[torch.Tensor, ...]]]:
+        """A copy of the recurrent states and the offset, for :meth:`restore` (KV caches need no copy: entries past
+        the restored offset are simply overwritten)."""
+        states = {layer: tuple(t.clone() for t in self.key_value_memory_dict[layer]) for layer in self.recurrent_layers}
+        return self.sequence_len_offset, states
+
+    def restore(self, snapshot: tuple[int, dict[int, tuple[torch.Tensor, ...]]]) -> None:
+        """Go back to the point :meth:`snapshot` recorded."""
+        self.sequence_len_offset, states = snapshot
+        for layer, saved in states.items():
+            for current, value in zip(self.key_value_memory_dict[layer], saved, strict=True):
+                current.copy_(value)
 
     def transposed(self, weight: torch.Tensor) -> torch.Tensor:
         """A contiguous ``weight.t()``, kept while ``weight`` is unchanged.

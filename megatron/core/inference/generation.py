@@ -30,12 +30,14 @@ LogitsProcessor = Callable[[torch.Tensor, list[int]], None]
 class GenerationOutput:
     """Per sequence: all tokens (prompt then generation), the prompt length, why it ended (``"length"``, ``"eod"``
     or ``"stop"``) and, when asked, ``log_probs[i][j]`` = log p(tokens[i][j + 1] | tokens[i][: j + 1]) under the
-    model (untempered), prompt tokens included."""
+    model (untempered), prompt tokens included. Speculative decoding also reports how many draft proposals the
+    target accepted."""
 
     tokens: list[list[int]]
     prompt_lengths: list[int]
     finish_reasons: list[str]
     log_probs: list[list[float]] | None = None
+    acceptance: tuple[int, int] | None = None  # speculative decoding: (proposals accepted, proposals made)
 
     def generated(self, index: int) -> list[int]:
         """The tokens sequence ``index`` generated."""

@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron.core.inference.generation import GenerationOutput, generate
 from megatron.core.inference.sampling import SamplingParams
+from megatron.core.inference.speculative import speculative_generate
 
 # How many trailing tokens are decoded to test text stop conditions (a stop string longer than this many tokens
 # would be missed; 16 tokens cover any reasonable stop sequence).
@@ -54,12 +55,18 @@ class TextResult:
 
 class TextGenerator:
     """Generates text with ``model`` (a whole model on this process, or its tensor-parallel share: every rank of the
-    group must make the same calls)."""
+    group must make the same calls). With a ``draft_model`` (same tokenizer, usually much smaller) generation is
+    speculative: the draft proposes ``num_speculative_tokens`` tokens, the model verifies them in one forward."""
 
-    def __init__(self, model: nn.Module, tokenizer: object, max_sequence_length: int) -> None:
+    def __init__(self, model: nn.Module, tokenizer: object, max_sequence_length: int,
+                 draft_model: nn.Module | None = None, num_speculative_tokens: int = 4) -> None:
+        if draft_model is not None and num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_sequence_length = max_sequence_length
+        self.draft_model = draft_model
+        self.num_speculative_tokens = num_speculative_tokens
         self._newline_ids: torch.Tensor | None = None
 
     def tokenize(self, prompts: list[str], add_bos: bool) -> list[list[int]]:
@@ -76,12 +83,18 @@ class TextGenerator:
         generator = None
         if request.random_seed is not None:
             generator = torch.Generator().manual_seed(request.random_seed)
-        output = generate(
-            self.model, prompts, request.tokens_to_generate, self.max_sequence_length, request.sampling, generator,
+        options = dict(
             eod=self.tokenizer.eod if request.stop_on_eod else None, stop=self._stop_test(request),
             logits_processor=self._no_newline_after_colon if request.prevent_newline_after_colon else None,
             return_log_probs=request.return_log_probs,
         )
+        if self.draft_model is None:
+            output = generate(self.model, prompts, request.tokens_to_generate, self.max_sequence_length,
+                              request.sampling, generator, **options)
+        else:
+            output = speculative_generate(self.model, self.draft_model, prompts, request.tokens_to_generate,
+                                          self.max_sequence_length, self.num_speculative_tokens, request.sampling,
+                                          generator, **options)
         return self._result(output, request)
 
     def _stop_test(self, request: TextRequest) -> object:

@@ -58,7 +58,8 @@ class Mamba1Mixer(nn.Module):
         continuing = False
         if inference_params is not None:
             conv_state, ssm_state = inference_params.layer_state(
-                self.layer_number, lambda: self._allocate_states(hidden, inference_params.max_batch_size))
+                self.layer_number, lambda: self._allocate_states(hidden, inference_params.max_batch_size),
+                recurrent=True)
             conv_state, ssm_state = conv_state[:b], ssm_state[:b]
             continuing = inference_params.sequence_len_offset > 0
             if continuing and length == 1:

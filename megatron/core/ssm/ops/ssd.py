@@ -104,6 +104,7 @@ def _ssd_chunked(
     b, length, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r = h // g
+    chunk = min(chunk, max(length, 1))  # a sequence shorter than a chunk is one chunk: padding it would only add work
     pad = (-length) % chunk
     if pad:
         # dt = 0 on padded steps: decay exp(0) = 1 and no input, so the state passes through unchanged.
