@@ -53,6 +53,31 @@ def broadcast_from_tensor_rank_0(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+@dataclass
+class PromptBatch:
+    """Prompts laid out for generation: ``tokens`` ``(b, total)`` holds each prompt at the start of its row (the
+    rest is filled with ``eod``, or 0), ``total`` is the longest prompt + budget."""
+
+    tokens: torch.Tensor
+    lengths: list[int]
+    budgets: list[int]
+    total: int
+
+
+def prepare_prompts(prompts: list[list[int]], tokens_to_generate: int | list[int], max_sequence_length: int,
+                    eod: int | None, device: torch.device) -> PromptBatch:
+    """Check the prompts and their budgets (one for all, or one per prompt) and lay them out; ``ValueError`` for an
+    empty prompt or one that would exceed ``max_sequence_length``."""
+    budgets = [tokens_to_generate] * len(prompts) if isinstance(tokens_to_generate, int) else list(tokens_to_generate)
+    lengths = [len(prompt) for prompt in prompts]
+    check_lengths(lengths, budgets, max_sequence_length)
+    total = max(length + budget for length, budget in zip(lengths, budgets, strict=True))
+    tokens = torch.full((len(prompts), total), eod if eod is not None else 0, dtype=torch.long, device=device)
+    for index, prompt in enumerate(prompts):
+        tokens[index, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    return PromptBatch(tokens, lengths, budgets, total)
+
+
 def check_lengths(prompt_lengths: list[int], budgets: list[int], max_sequence_length: int) -> None:
     """``ValueError`` when a prompt is empty or a prompt plus its budget exceeds the model's limit."""
     for index, (length, budget) in enumerate(zip(prompt_lengths, budgets, strict=True)):
@@ -82,16 +107,10 @@ def generate(
     so. ``generator`` seeds sampling. Raises ``ValueError`` for an empty prompt or one that would exceed
     ``max_sequence_length``.
     """
-    batch = len(prompts)
-    budgets = [tokens_to_generate] * batch if isinstance(tokens_to_generate, int) else list(tokens_to_generate)
-    lengths = [len(prompt) for prompt in prompts]
-    check_lengths(lengths, budgets, max_sequence_length)
     device = next(model.parameters()).device
-    total = max(length + budget for length, budget in zip(lengths, budgets, strict=True))
-    tokens = torch.full((batch, total), eod if eod is not None else 0, dtype=torch.long, device=device)
-    for index, prompt in enumerate(prompts):
-        tokens[index, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    state = _Progress(lengths, budgets, eod, stop)
+    laid_out = prepare_prompts(prompts, tokens_to_generate, max_sequence_length, eod, device)
+    tokens, lengths, total, batch = laid_out.tokens, laid_out.lengths, laid_out.total, len(prompts)
+    state = _Progress(lengths, laid_out.budgets, eod, stop)
     log_probs = torch.zeros(batch, total, dtype=torch.float32, device=device) if return_log_probs else None
 
     inference_params = InferenceParams(batch, total)

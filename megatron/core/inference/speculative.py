@@ -28,7 +28,7 @@ from megatron.core.inference.generation import (
     _Progress,
     _token_log_probs,
     broadcast_from_tensor_rank_0,
-    check_lengths,
+    prepare_prompts,
 )
 from megatron.core.inference.sampling import GREEDY, SamplingParams, sample, sampling_log_probs
 from megatron.core.inference_params import InferenceParams
@@ -51,14 +51,12 @@ def speculative_generate(
 ) -> GenerationOutput:
     """:func:`~megatron.core.inference.generation.generate` with ``draft`` proposing ``num_speculative_tokens``
     tokens per round; same arguments and output. ``output.acceptance`` is set to (accepted, proposed) counts."""
-    batch = len(prompts)
-    budgets = [tokens_to_generate] * batch if isinstance(tokens_to_generate, int) else list(tokens_to_generate)
-    lengths = [len(prompt) for prompt in prompts]
-    check_lengths(lengths, budgets, max_sequence_length)
+    laid_out = prepare_prompts(prompts, tokens_to_generate, max_sequence_length, eod,
+                               next(target.parameters()).device)
+    lengths, total = laid_out.lengths, laid_out.total
     run = _Round(target, draft, sampling, generator, logits_processor, return_log_probs)
-    total = max(length + budget for length, budget in zip(lengths, budgets, strict=True))
-    run.start(prompts, total, eod)
-    state = _Progress(lengths, budgets, eod, stop)
+    run.start(laid_out.tokens)
+    state = _Progress(lengths, laid_out.budgets, eod, stop)
     pending = min(lengths) - 1  # position of the pending token: everything before it has been consumed
     if pending > 0:
         run.prefill(pending)
@@ -88,13 +86,11 @@ class _Round:
         self.return_log_probs = return_log_probs
         self.accepted = self.proposed = 0
 
-    def start(self, prompts: list[list[int]], total: int, eod: int | None) -> None:
-        device = next(self.target.parameters()).device
-        batch = len(prompts)
-        self.tokens = torch.full((batch, total), eod if eod is not None else 0, dtype=torch.long, device=device)
-        for index, prompt in enumerate(prompts):
-            self.tokens[index, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        self.log_probs = torch.zeros(batch, total, device=device) if self.return_log_probs else None
+    def start(self, tokens: torch.Tensor) -> None:
+        """Take the laid-out token table ``(b, total)`` and allocate both models' caches."""
+        self.tokens = tokens
+        batch, total = tokens.shape
+        self.log_probs = torch.zeros(batch, total, device=tokens.device) if self.return_log_probs else None
         # One spare position: a round may propose past the longest budget before it is cut.
         self.target_cache = InferenceParams(batch, total + 1)
         self.draft_cache = InferenceParams(batch, total + 1)
