@@ -96,6 +96,9 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mamba-state-dim", type=int, default=128, help="State dimension of the Mamba layers.")
     group.add_argument("--mamba-head-dim", type=int, default=64, help="Head dimension of the Mamba2 layers.")
     group.add_argument("--mamba-num-groups", type=int, default=8, help="Number of B/C groups of the Mamba2 layers.")
+    group.add_argument("--mamba-kv-groups", type=int, default=None,
+                       help="Mamba2 layers converted from GQA attention: x and B come in this many groups, repeated "
+                            "to all heads (x) and C groups (B). Default: x per head, B per group.")
     group.add_argument("--mamba-num-heads", type=int, default=None,
                        help="Number of Mamba2 heads. Default 2 * hidden size / --mamba-head-dim.")
     group.add_argument("--mamba-version", type=int, default=2, choices=[1, 2], help="Mamba layer version.")
@@ -543,6 +546,10 @@ def _validate_model(args: argparse.Namespace) -> None:
         nheads = d_inner // args.mamba_head_dim
         _require(nheads % args.mamba_num_groups == 0,
                  f"Mamba head count {nheads} is not divisible by --mamba-num-groups {args.mamba_num_groups}")
+        kv = args.mamba_kv_groups
+        _require(kv is None or (kv > 0 and args.mamba_num_groups % kv == 0 and kv % tp == 0),
+                 f"--mamba-kv-groups {kv} must divide --mamba-num-groups {args.mamba_num_groups} and be divisible "
+                 f"by --tensor-model-parallel-size {tp}")
         _require(nheads % tp == 0 and args.mamba_num_groups % tp == 0,
                  f"Mamba heads ({nheads}) and --mamba-num-groups ({args.mamba_num_groups}) must be divisible by "
                  f"--tensor-model-parallel-size {tp}")
@@ -674,6 +681,7 @@ def core_transformer_config_from_args(args: argparse.Namespace) -> TransformerCo
             mamba_state_dim=args.mamba_state_dim,
             mamba_head_dim=args.mamba_head_dim,
             mamba_num_groups=args.mamba_num_groups,
+            mamba_kv_groups=args.mamba_kv_groups,
             mamba_num_heads=args.mamba_num_heads,
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             sequence_parallel=args.sequence_parallel,

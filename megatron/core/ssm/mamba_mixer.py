@@ -66,7 +66,11 @@ class MambaMixer(nn.Module):
         self.d_inner = self.nheads * self.headdim
         self.d_state = config.mamba_state_dim
         self.chunk_size = config.mamba_chunk_size
-        self.conv_channels = self.d_inner + 2 * self.ngroups * self.d_state
+        # x, B and C widths on this rank; with mamba_kv_groups, x and B are narrower and repeated in forward.
+        self.xbc_widths = [width // tp for width in config.mamba_xbc_widths]
+        self.kv_groups = None if config.mamba_kv_groups is None else divide(config.mamba_kv_groups, tp,
+                                                                             "mamba_kv_groups")
+        self.conv_channels = sum(self.xbc_widths)
         dtype = config.params_dtype
 
         self.in_proj = ColumnParallelLinear(config, config.hidden_size,
@@ -108,8 +112,7 @@ class MambaMixer(nn.Module):
         A = -torch.exp(self.A_log.float())
         ops = ssm_ops(hidden)
         y = ops.chunk_scan(
-            x.reshape(b, length, self.nheads, self.headdim), dt, A,
-            B.reshape(b, length, self.ngroups, self.d_state), C.reshape(b, length, self.ngroups, self.d_state),
+            self._heads(x), dt, A, self._b_groups(B), C.reshape(b, length, self.ngroups, self.d_state),
             ops.chunk_size or self.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
             initial_states=ssm_state if continuing else None, return_final_states=ssm_state is not None,
         )
@@ -122,7 +125,8 @@ class MambaMixer(nn.Module):
         """One decode step up to the gated norm: the in_proj output ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states
         updated in place. Uses the fused CPU step when it is available (inference only)."""
         b = zxbcdt.shape[0]
-        kernel = mamba2_decode_step_kernel(zxbcdt) if not torch.is_grad_enabled() else None
+        fused = not torch.is_grad_enabled() and self.kv_groups is None  # the fused step knows the plain layout
+        kernel = mamba2_decode_step_kernel(zxbcdt) if fused else None
         if kernel is not None:
             return kernel(zxbcdt[:, 0], conv_state, ssm_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                           self.A_log, self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps).unsqueeze(1)
@@ -131,8 +135,8 @@ class MambaMixer(nn.Module):
         xbc = ops.conv_update(xbc[:, 0], conv_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
         x, B, C = self._split_conv_output(xbc)
         y = ops.state_update(
-            ssm_state, x.reshape(b, self.nheads, self.headdim), dt[:, 0], -torch.exp(self.A_log.float()),
-            B.reshape(b, self.ngroups, self.d_state), C.reshape(b, self.ngroups, self.d_state),
+            ssm_state, self._heads(x), dt[:, 0], -torch.exp(self.A_log.float()),
+            self._b_groups(B), C.reshape(b, self.ngroups, self.d_state),
             D=self.D, dt_bias=self.dt_bias, dt_softplus=True,
         )
         return self.norm(y.reshape(b, 1, self.d_inner), z)
@@ -143,7 +147,19 @@ class MambaMixer(nn.Module):
 
     def _split_conv_output(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The activated conv output ``(..., conv_channels)`` -> views x, B, C."""
-        return xbc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        return xbc.split(self.xbc_widths, dim=-1)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``(..., x width)`` -> ``(..., nheads, headdim)``, each kv group repeated to its heads if x is shared."""
+        if self.kv_groups is None:
+            return x.unflatten(-1, (self.nheads, self.headdim))
+        return x.unflatten(-1, (self.kv_groups, self.headdim)).repeat_interleave(self.nheads // self.kv_groups, -2)
+
+    def _b_groups(self, B: torch.Tensor) -> torch.Tensor:
+        """B ``(..., B width)`` -> ``(..., ngroups, d_state)``, each kv group repeated if B is shared."""
+        if self.kv_groups is None:
+            return B.unflatten(-1, (self.ngroups, self.d_state))
+        return B.unflatten(-1, (self.kv_groups, self.d_state)).repeat_interleave(self.ngroups // self.kv_groups, -2)
 
     def _allocate_states(self, like: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         conv_state = like.new_zeros(batch, self.conv_channels, self.conv1d.kernel_size[0])

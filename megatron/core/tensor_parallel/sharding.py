@@ -73,10 +73,10 @@ def _mamba_rule(key: str, config: TransformerConfig) -> SplitRule:
             "dt_proj.bias": ROWS, "A_log": ROWS, "D": ROWS, "out_proj.weight": COLUMNS,
         }
     else:
-        d_inner, groups = config.mamba_d_inner, config.mamba_num_groups * config.mamba_state_dim
-        conv = SplitRule(0, (d_inner, groups, groups))
+        xbc = config.mamba_xbc_widths
+        conv = SplitRule(0, xbc)
         rules = {
-            "in_proj.weight": SplitRule(0, (d_inner, d_inner, groups, groups, config.mamba_nheads)),
+            "in_proj.weight": SplitRule(0, (config.mamba_d_inner, *xbc, config.mamba_nheads)),
             "conv1d.weight": conv, "conv1d.bias": conv, "conv1d_weight": conv, "conv1d_bias": conv,
             "A_log": ROWS, "D": ROWS, "dt_bias": ROWS, "norm.weight": ROWS, "out_proj.weight": COLUMNS,
         }

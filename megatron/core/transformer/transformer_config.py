@@ -55,6 +55,10 @@ class TransformerConfig:
     mamba_head_dim: int = 64
     mamba_num_groups: int = 8
     mamba_num_heads: int | None = None
+    # Mamba2 only, the variant Llama attention layers convert into: x and B come in this many groups, each shared by
+    # nheads / mamba_kv_groups heads (x) or mamba_num_groups / mamba_kv_groups C groups (B), as GQA shares keys and
+    # values. None: x per head and B per group, as usual.
+    mamba_kv_groups: int | None = None
     mamba_expand: int = 2
     mamba_d_conv: int = 4
     mamba_chunk_size: int = 128
@@ -120,6 +124,10 @@ class TransformerConfig:
         if self.mamba_nheads % self.mamba_num_groups:
             raise ValueError(f"TransformerConfig: Mamba head count {self.mamba_nheads} is not divisible by "
                              f"mamba_num_groups {self.mamba_num_groups}")
+        kv = self.mamba_kv_groups
+        if kv is not None and (kv <= 0 or self.mamba_num_groups % kv):
+            raise ValueError(f"TransformerConfig: mamba_num_groups {self.mamba_num_groups} is not divisible by "
+                             f"mamba_kv_groups {kv}")
 
     @property
     def mamba_d_inner(self) -> int:
@@ -132,3 +140,12 @@ class TransformerConfig:
     def mamba_nheads(self) -> int:
         """Number of Mamba2 heads (``d_inner / headdim``)."""
         return self.mamba_d_inner // self.mamba_head_dim
+
+    @property
+    def mamba_xbc_widths(self) -> tuple[int, int, int]:
+        """Full widths of the Mamba2 x, B and C streams (rows of ``in_proj``, channels of the conv)."""
+        groups = self.mamba_num_groups * self.mamba_state_dim
+        if self.mamba_kv_groups is None:
+            return self.mamba_d_inner, groups, groups
+        kv = self.mamba_kv_groups
+        return kv * self.mamba_head_dim, kv * self.mamba_state_dim, groups

@@ -33,16 +33,17 @@ CONFIGS = [
          position_embedding_type="rope", tied=False, gated_linear_unit=True, activation_func=F.silu),
     dict(mamba_version=2, normalization="LayerNorm", add_bias_linear=True, sequence_parallel=True,
          position_embedding_type="none", tied=False),
+    dict(mamba_version=2, normalization="RMSNorm", add_bias_linear=False, sequence_parallel=True,
+         position_embedding_type="none", tied=False, mamba_num_groups=8, mamba_kv_groups=2),  # x/B shared (GQA)
 ]
 
 
 def _model(settings: dict, tp: int) -> HybridModel:
-    settings = {"hidden_dropout": 0.0, "attention_dropout": 0.0, **settings}
+    settings = {"hidden_dropout": 0.0, "attention_dropout": 0.0, "mamba_num_groups": 2, **settings}
     position, tied = settings.pop("position_embedding_type"), settings.pop("tied")
     config = TransformerConfig(
         hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48, mamba_head_dim=8,
-        mamba_num_groups=2, mamba_state_dim=8, mamba_chunk_size=8, mamba1_dt_rank=4, tensor_model_parallel_size=tp,
-        **settings)
+        mamba_state_dim=8, mamba_chunk_size=8, mamba1_dt_rank=4, tensor_model_parallel_size=tp, **settings)
     torch.manual_seed(42)
     return HybridModel(config, 64, 32, hybrid_layer_pattern="M*-M", position_embedding_type=position,
                        share_embeddings_and_output_weights=tied)
