@@ -24,7 +24,7 @@ def test_mamba2_rows_come_from_v_k_q_and_out_proj_from_o():
     q, k, v, o, norm = projections()
     config = mamba_config_for_attention(tiny_config(), HEADS, KV_HEADS, HEAD_DIM)
     tensors = mamba_from_attention(q, k, v, o, norm, config, HEAD_DIM, seed=3)
-    z, x, b, c, dt = tensors["in_proj.weight"].split([32, 16, 16, 32, HEADS])
+    _z, x, b, c, _dt = tensors["in_proj.weight"].split([32, 16, 16, 32, HEADS])
     assert torch.equal(x, v) and torch.equal(b, k) and torch.equal(c, q)
     assert torch.equal(tensors["out_proj.weight"], o) and torch.equal(tensors["in_proj.layer_norm_weight"], norm)
     mixer = MambaMixer(config, 1)
