@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -120,8 +121,16 @@ def _type_name(value: Any) -> str:
 
 
 def _shown(value: Any) -> str:
+    """A short JSON rendering of a scalar (long values cut)."""
     text = json.dumps(value) if isinstance(value, (bool, int, float, str, type(None))) else _type_name(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _got(value: Any) -> str:
+    """``got <kind> <value>`` for error messages."""
+    if value is None or isinstance(value, (list, dict)):
+        return f"got {_type_name(value)}"
+    return f"got {_type_name(value)} {_shown(value)}"
 
 
 class _Fields:
@@ -133,7 +142,8 @@ class _Fields:
             raise RequestError(f"request body must be a JSON object, got {_type_name(body)}")
         unknown = [name for name in body if name not in known]
         if unknown:
-            raise RequestError(f"{unknown[0]}: unknown field (accepted fields: {', '.join(known)})")
+            name = unknown[0] if len(unknown[0]) <= 40 else unknown[0][:37] + "..."
+            raise RequestError(f"{name}: unknown field (accepted fields: {', '.join(known)})")
         self.body = body
         self.null_is_absent = null_is_absent
 
@@ -146,10 +156,10 @@ class _Fields:
         if value is _ABSENT:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RequestError(f"{name}: must be an integer, got {_type_name(value)} {_shown(value)}")
+            raise RequestError(f"{name}: must be an integer, {_got(value)}")
         if value < minimum or (maximum is not None and value > maximum):
             bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-            raise RequestError(f"{name}: must be an integer {bounds}, got {value}")
+            raise RequestError(f"{name}: must be an integer {bounds}, got {_shown(value)}")
         return value
 
     def number(self, name: str, default: float, minimum: float, maximum: float, *, exclusive_minimum: bool = False
@@ -158,7 +168,7 @@ class _Fields:
         if value is _ABSENT:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RequestError(f"{name}: must be a number, got {_type_name(value)} {_shown(value)}")
+            raise RequestError(f"{name}: must be a number, {_got(value)}")
         value = float(value)
         low_ok = value > minimum if exclusive_minimum else value >= minimum
         if not (math.isfinite(value) and low_ok and value <= maximum):
@@ -171,8 +181,7 @@ class _Fields:
         if value is _ABSENT:
             return default
         if not isinstance(value, bool):
-            raise RequestError(f"{name}: must be a JSON boolean (true or false), got {_type_name(value)} "
-                               f"{_shown(value)}")
+            raise RequestError(f"{name}: must be a JSON boolean (true or false), {_got(value)}")
         return value
 
     def string(self, name: str, default: str | None) -> str | None:
@@ -180,7 +189,7 @@ class _Fields:
         if value is _ABSENT:
             return default
         if not isinstance(value, str):
-            raise RequestError(f"{name}: must be a string, got {_type_name(value)} {_shown(value)}")
+            raise RequestError(f"{name}: must be a string, {_got(value)}")
         return value
 
     def string_list(self, name: str, max_items: int, *, single_allowed: bool, required: bool,
@@ -194,14 +203,14 @@ class _Fields:
             value = [value]
         what = "a string or a list of strings" if single_allowed else "a list of strings"
         if not isinstance(value, list):
-            raise RequestError(f"{name}: must be {what}, got {_type_name(value)} {_shown(value)}")
+            raise RequestError(f"{name}: must be {what}, {_got(value)}")
         if not value:
             raise RequestError(f"{name}: must hold at least one string, got an empty list")
         if len(value) > max_items:
             raise RequestError(f"{name}: at most {max_items} strings per request, got {len(value)}")
         for index, item in enumerate(value):
             if not isinstance(item, str):
-                raise RequestError(f"{name}: item {index} must be a string, got {_type_name(item)} {_shown(item)}")
+                raise RequestError(f"{name}: item {index} must be a string, {_got(item)}")
             if not allow_empty_strings and not item:
                 raise RequestError(f"{name}: item {index} is an empty string")
         return value
@@ -271,10 +280,10 @@ def parse_completion_request(body: Any, max_batch: int = MAX_PROMPTS) -> tuple[T
                               allow_empty_strings=False) or []
     n = fields.integer("n", 1, 1)
     if n != 1:
-        raise RequestError(f"n: only 1 completion per prompt is supported, got {n}")
+        raise RequestError(f"n: only 1 completion per prompt is supported, got {_shown(n)}")
     best_of = fields.integer("best_of", 1, 1)
     if best_of != 1:
-        raise RequestError(f"best_of: only 1 is supported, got {best_of}")
+        raise RequestError(f"best_of: only 1 is supported, got {_shown(best_of)}")
     fields.string("user", None)  # accepted (OpenAI clients send it) and ignored: there are no per-user limits
     _require_neutral(fields, "presence_penalty", 0, "a presence penalty")
     _require_neutral(fields, "frequency_penalty", 0, "a frequency penalty")
@@ -288,29 +297,30 @@ def parse_completion_request(body: Any, max_batch: int = MAX_PROMPTS) -> tuple[T
     return text_request, options
 
 
-def check_engine_limits(generator: TextGenerator, text_request: TextRequest, max_prompt_chars: int) -> None:
-    """Refuse what the engine would refuse (``RequestError``), without running the model: untokenizable, empty or
-    too long prompts, ``add_BOS`` without a BOS token. Rank 0 checks this before any other rank sees the request,
-    so that every rank either runs it or none does."""
-    if text_request.tokens_to_generate > generator.max_sequence_length:
-        name = "tokens_to_generate"
-        raise RequestError(f"{name}: {text_request.tokens_to_generate} exceeds the model's maximum sequence length "
-                           f"{generator.max_sequence_length}")
+def check_engine_limits(generator: TextGenerator, text_request: TextRequest, max_prompt_chars: int,
+                        prompt_field: str = "prompts", budget_field: str = "tokens_to_generate") -> None:
+    """Refuse what the engine would refuse (``RequestError`` naming ``prompt_field`` / ``budget_field``), without
+    running the model: untokenizable, empty or too long prompts, ``add_BOS`` without a BOS token. Rank 0 checks
+    this before any other rank sees the request, so that every rank either runs it or none does."""
+    limit = generator.max_sequence_length
+    if text_request.tokens_to_generate > limit:
+        raise RequestError(f"{budget_field}: {text_request.tokens_to_generate} exceeds the model's maximum sequence "
+                           f"length {limit}")
     if text_request.add_BOS and getattr(generator.tokenizer, "bos", None) is None:
         raise RequestError("add_BOS: the tokenizer has no BOS token")
     lengths = []
     for index, prompt in enumerate(text_request.prompts):
         if len(prompt) > max_prompt_chars:
-            raise RequestError(f"prompts: prompt {index} has {len(prompt)} characters, more than this server "
+            raise RequestError(f"{prompt_field}: prompt {index} has {len(prompt)} characters, more than this server "
                                f"accepts ({max_prompt_chars})")
         try:
             lengths.append(len(generator.tokenize([prompt], text_request.add_BOS)[0]))
         except ValueError as error:
-            raise RequestError(f"prompts: prompt {index} cannot be tokenized: {_one_line(error)}") from None
+            raise RequestError(f"{prompt_field}: prompt {index} cannot be tokenized: {_one_line(error)}") from None
     try:
-        check_lengths(lengths, [text_request.tokens_to_generate] * len(lengths), generator.max_sequence_length)
+        check_lengths(lengths, [text_request.tokens_to_generate] * len(lengths), limit)
     except ValueError as error:
-        raise RequestError(f"prompts: {_one_line(error)}") from None
+        raise RequestError(f"{prompt_field}: {_one_line(error)}") from None
 
 
 def _one_line(error: BaseException) -> str:
@@ -410,8 +420,8 @@ def create_app(generator: TextGenerator, max_batch: int = MAX_PROMPTS, max_promp
     health = {"status": "ok", "model": model_name, "max_sequence_length": generator.max_sequence_length,
               "max_prompts": max_batch, "speculative": generator.draft_model is not None, **(info or {})}
 
-    def execute(text_request: TextRequest) -> TextResult:
-        check_engine_limits(generator, text_request, max_prompt_chars)
+    def execute(text_request: TextRequest, *fields: str) -> TextResult:
+        check_engine_limits(generator, text_request, max_prompt_chars, *fields)
         with lock:
             return run(text_request)
 
@@ -448,7 +458,7 @@ def create_app(generator: TextGenerator, max_batch: int = MAX_PROMPTS, max_promp
     def completions() -> Response:
         def handle() -> Response:
             text_request, options = parse_completion_request(read_json_body(), max_batch)
-            result = execute(text_request)
+            result = execute(text_request, "prompt", "max_tokens")
             head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                     "model": options["model"] if options["model"] is not None else model_name}
             choices = completion_choices(result, options["echo"], options["logprobs"])
@@ -516,11 +526,21 @@ def run_follower(generator: TextGenerator) -> int:
 
 def serve(app: Flask, host: str, port: int, announce: Callable[[str], None] | None = None) -> None:
     """Serve ``app`` on ``host:port`` (port 0: any free port) with one thread per request, until
-    ``KeyboardInterrupt``. ``announce`` receives the base URL once the socket is listening."""
-    server = make_server(host, port, app, threaded=True)
+    ``KeyboardInterrupt``. ``announce`` receives the base URL once the socket is listening. ``OSError`` (one line)
+    when the address cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        listener = socket.create_server((host, port), family=family)
+    except (OSError, UnicodeError) as error:  # in use, no such address, an unencodable host name
+        reason = getattr(error, "strerror", None) or _one_line(error)
+        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
+    try:  # werkzeug would print and sys.exit() on a bind error; give it the bound socket instead
+        server = make_server(host, port, app, threaded=True, fd=listener.fileno())
+    finally:
+        listener.close()
     shown_host = f"[{host}]" if ":" in host else host
     if announce is not None:
-        announce(f"http://{shown_host}:{server.server_port}")
+        announce(f"http://{shown_host}:{server.socket.getsockname()[1]}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

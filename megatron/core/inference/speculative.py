@@ -167,6 +167,7 @@ class _Round:
         q = draft_log_probs.gather(-1, proposals.unsqueeze(-1)).squeeze(-1)
         uniform = torch.rand(p.shape, generator=self.generator).to(p.device)
         per_row = _leading_true(uniform.log() < p - q)  # accept x with probability min(1, p(x) / q(x))
+        per_row = broadcast_from_tensor_rank_0(per_row)  # every rank keeps rank 0's draws
         accepted = int(per_row.min())
         probs = target_log_probs[:, accepted].exp()
         if accepted < k:

@@ -17,10 +17,6 @@ from megatron.core.inference.generation import GenerationOutput, generate
 from megatron.core.inference.sampling import SamplingParams
 from megatron.core.inference.speculative import speculative_generate
 
-# How many trailing tokens are decoded to test text stop conditions (a stop string longer than this many tokens
-# would be missed; 16 tokens cover any reasonable stop sequence).
-STOP_WINDOW = 16
-
 
 @dataclass
 class TextRequest:
@@ -101,10 +97,14 @@ class TextGenerator:
         if not (request.stop_on_eol or request.stop_on_double_eol or request.stop):
             return None
 
+        # A token that completes a stop string holds at least one of its characters, and the tokens before it at
+        # least one each (text-less special tokens aside), so the last len(longest stop) + 1 tokens contain it.
+        window = max([len(stop_string) for stop_string in request.stop] + [2]) + 1
+
         def stop(index: int, generated: list[int]) -> bool:
             if request.stop_on_eol and "\n" in self.tokenizer.detokenize(generated[-1:]):
                 return True
-            tail = self.tokenizer.detokenize(generated[-STOP_WINDOW:])
+            tail = self.tokenizer.detokenize(generated[-window:])
             if request.stop_on_double_eol and "\n\n" in tail:
                 return True
             return any(stop_string in tail for stop_string in request.stop)
