@@ -68,6 +68,16 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rotary-base", type=int, default=10000, help="Base of the rotary position embeddings.")
     group.add_argument("--rotary-percent", type=float, default=1.0,
                        help="Fraction of each head's dimensions that rotary embeddings rotate.")
+    group.add_argument("--use-rope-scaling", action="store_true",
+                       help="Apply Llama 3.1's RoPE frequency scaling (the --rope-scaling-* values).")
+    group.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                       help="RoPE scaling: low frequencies are divided by this (with --use-rope-scaling).")
+    group.add_argument("--rope-scaling-low-freq-factor", type=float, default=1.0,
+                       help="RoPE scaling: wavelengths above original length / this are fully scaled.")
+    group.add_argument("--rope-scaling-high-freq-factor", type=float, default=4.0,
+                       help="RoPE scaling: wavelengths below original length / this are kept.")
+    group.add_argument("--rope-scaling-original-max-position-embeddings", type=int, default=8192,
+                       help="RoPE scaling: the context length the model was pretrained with.")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="Pad the vocabulary to a multiple of this (times the tensor-parallel size).")
     group.add_argument("--normalization", type=str, default="LayerNorm", choices=["LayerNorm", "RMSNorm"],
@@ -561,6 +571,14 @@ def _validate_model(args: argparse.Namespace) -> None:
     _require(args.norm_epsilon > 0.0, f"--norm-epsilon must be positive, got {args.norm_epsilon}")
     _require(0.0 < args.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {args.rotary_percent}")
     _require(args.rotary_base > 0, f"--rotary-base must be positive, got {args.rotary_base}")
+    if args.use_rope_scaling:
+        _require(args.position_embedding_type == "rope", "--use-rope-scaling needs --position-embedding-type rope")
+        for flag in ("rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
+                     "rope_scaling_original_max_position_embeddings"):
+            _require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+        _require(args.rope_scaling_high_freq_factor > args.rope_scaling_low_freq_factor,
+                 f"--rope-scaling-high-freq-factor {args.rope_scaling_high_freq_factor} must be greater than "
+                 f"--rope-scaling-low-freq-factor {args.rope_scaling_low_freq_factor}")
     _require(args.make_vocab_size_divisible_by > 0,
              f"--make-vocab-size-divisible-by must be positive, got {args.make_vocab_size_divisible_by}")
 
@@ -647,6 +665,16 @@ def validate_args(args: argparse.Namespace, *, training: bool = True) -> argpars
     _validate_data(args, training)
     core_transformer_config_from_args(args)  # any inconsistency left surfaces here, before anything runs
     return args
+
+
+def rope_scaling_from_args(args: argparse.Namespace) -> dict | None:
+    """The Llama 3.1 ``rope_scaling`` dict of ``--use-rope-scaling`` (None without it, or for args that predate it)."""
+    if not getattr(args, "use_rope_scaling", False):
+        return None
+    return {"rope_type": "llama3", "factor": args.rope_scaling_factor,
+            "low_freq_factor": args.rope_scaling_low_freq_factor,
+            "high_freq_factor": args.rope_scaling_high_freq_factor,
+            "original_max_position_embeddings": args.rope_scaling_original_max_position_embeddings}
 
 
 def core_transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:

@@ -28,7 +28,7 @@ from megatron.core.optimizer.clip_grads import clip_grad_norm, counted_in_norm
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import PipelineChunk, PipelineSchedule, masked_mean_loss
 from megatron.core.tensor_parallel.random import model_parallel_manual_seed
-from megatron.training.arguments import core_transformer_config_from_args
+from megatron.training.arguments import core_transformer_config_from_args, rope_scaling_from_args
 from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron.training.initialize import destroy_distributed, initialize_distributed
 from megatron.training.metrics import MetricsWriter
@@ -61,7 +61,7 @@ def build_model(args: argparse.Namespace, pipeline_stage: int = 0, num_pipeline_
     return HybridModel(
         config, args.padded_vocab_size, args.max_position_embeddings, hybrid_layer_pattern=args.hybrid_layer_pattern,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        rotary_percent=args.rotary_percent,
+        rotary_percent=args.rotary_percent, rope_scaling=rope_scaling_from_args(args),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         pre_process=pipeline_stage == 0, post_process=pipeline_stage == num_pipeline_stages - 1,
         pipeline_stage=pipeline_stage, num_pipeline_stages=num_pipeline_stages,

@@ -59,6 +59,7 @@ class HybridModel(nn.Module):
         post_process: bool = True,
         pipeline_stage: int = 0,
         num_pipeline_stages: int = 1,
+        rope_scaling: dict | None = None,
     ) -> None:
         super().__init__()
         if position_embedding_type not in POSITION_EMBEDDING_TYPES:
@@ -110,7 +111,7 @@ class HybridModel(nn.Module):
                 self.embedding.word_embeddings.weight.shared_embedding_copy = True
         self.rotary_pos_emb = None
         if position_embedding_type == "rope":
-            self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent, rotary_base)
+            self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, rotary_percent, rotary_base, rope_scaling)
         self.decoder = HybridStack(config, self.hybrid_pattern, layer_offset, post_process, init_seed=seed)
         self.output_layer = None
         if post_process:
