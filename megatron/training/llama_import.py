@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from megatron.core.models.common.embeddings.rotary_pos_embedding import validate_rope_scaling
+from megatron.core.models.hybrid.attention_to_mamba import mamba_from_attention
 from megatron.core.models.hybrid.hf_conversion import grouped_qkv
 from megatron.training.arguments import (
     ArgumentError,
@@ -200,18 +201,21 @@ def _number(value: float) -> int | float:
 
 
 def llama_model_args(spec: LlamaSpec, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
-                     tokenizer_model: str | None = None, true_vocab_size: int | None = None) -> argparse.Namespace:
+                     tokenizer_model: str | None = None, true_vocab_size: int | None = None,
+                     pattern: str | None = None) -> argparse.Namespace:
     """The validated args ``pretrain_hybrid.py`` would build for the all-attention hybrid of ``spec`` at tensor /
     pipeline size ``tp`` / ``pp``: pattern ``*-`` per Llama layer, SwiGLU, RMSNorm, no biases, RoPE (scaled for
     Llama 3.1), no dropout, ``HuggingFaceTokenizer`` at ``tokenizer_model`` (None: no tokenizer type), the
-    vocabulary padding of :func:`choose_vocab_layout` with ``padded_vocab_size`` / ``true_vocab_size`` set."""
+    vocabulary padding of :func:`choose_vocab_layout` with ``padded_vocab_size`` / ``true_vocab_size`` set.
+    ``pattern`` (``M-*-...``, two symbols per Llama layer) makes some attention layers Mamba2 layers of the sizes
+    :func:`~megatron.core.models.hybrid.attention_to_mamba.mamba_config_for_attention` gives."""
     for name, value in (("--target-tp-size", tp), ("--target-pp-size", pp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LlamaImportError(f"{name} must be a positive integer, got {value!r}")
     true_vocab = true_vocab_size if true_vocab_size is not None else spec.vocab_size
     rows, divisor = choose_vocab_layout(spec.vocab_size, true_vocab, tp)
     flags = [
-        "--hybrid-layer-pattern", "*-" * spec.num_layers, "--hidden-size", str(spec.hidden_size),
+        "--hybrid-layer-pattern", pattern or "*-" * spec.num_layers, "--hidden-size", str(spec.hidden_size),
         "--ffn-hidden-size", str(spec.intermediate_size), "--num-attention-heads", str(spec.num_heads),
         "--group-query-attention", "--num-query-groups", str(spec.num_kv_heads), "--kv-channels", str(spec.head_dim),
         "--swiglu", "--normalization", "RMSNorm", "--norm-epsilon", repr(spec.rms_norm_eps), "--disable-bias-linear",
@@ -223,6 +227,10 @@ def llama_model_args(spec: LlamaSpec, *, tp: int = 1, pp: int = 1, params_dtype:
     ]
     if not spec.tied:
         flags.append("--untie-embeddings-and-output-weights")
+    if pattern is not None and "M" in pattern:
+        d = str(spec.head_dim)
+        flags += ["--mamba-num-heads", str(spec.num_heads), "--mamba-head-dim", d, "--mamba-state-dim", d,
+                  "--mamba-num-groups", str(spec.num_heads), "--mamba-kv-groups", str(spec.num_kv_heads)]
     if spec.rope_scaling is not None:
         scaling = spec.rope_scaling
         flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(float(scaling["factor"])),
@@ -274,7 +282,10 @@ class TargetTensor:
 
     @property
     def kind(self) -> str:
-        """``copied`` (one source, unchanged) or ``derived`` (stacked, or padded with zero rows)."""
+        """``copied`` (one source, unchanged), ``derived`` (stacked, padded with zero rows, or a Mamba in_proj
+        built from q/k/v) or ``initialised`` (a fresh Mamba parameter)."""
+        if self.op == "fresh":
+            return "initialised"
         return "copied" if self.op == "copy" or (self.op == "vocab" and not self.padding) else "derived"
 
     def describe(self) -> str:
@@ -283,6 +294,10 @@ class TargetTensor:
             return "q/k/v stacked per query group (grouped_qkv)"
         if self.op == "fc1":
             return "[gate_proj; up_proj] stacked"
+        if self.op == "mamba":
+            return "rows [z | x | B | C | dt] = [fresh | v_proj | k_proj | q_proj | fresh]"
+        if self.op == "fresh":
+            return "fresh Mamba initialisation (seeded)"
         if self.op == "vocab" and self.padding:
             return f"copied, {self.padding} zero rows appended (vocabulary padding)"
         return "copied unchanged"
@@ -307,8 +322,9 @@ def expected_source_shapes(spec: LlamaSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def conversion_plan(spec: LlamaSpec, rows: int | None = None) -> list[TargetTensor]:
-    """The target tensors in model order (``rows``: the padded vocabulary, default the Llama vocabulary)."""
+def conversion_plan(spec: LlamaSpec, rows: int | None = None, pattern: str | None = None) -> list[TargetTensor]:
+    """The target tensors in model order (``rows``: the padded vocabulary, default the Llama vocabulary). With a
+    ``pattern``, the Llama layers whose first symbol is ``M`` become Mamba2 layers initialised from q/k/v/o."""
     rows = spec.vocab_size if rows is None else rows
     if rows < spec.vocab_size:
         raise LlamaImportError(f"cannot pad the vocabulary of {spec.vocab_size} rows to {rows}")
@@ -318,11 +334,16 @@ def conversion_plan(spec: LlamaSpec, rows: int | None = None) -> list[TargetTens
     for i in range(spec.num_layers):
         src, attn, mlp = f"model.layers.{i}.", f"decoder.layers.{2 * i}.self_attention.", \
             f"decoder.layers.{2 * i + 1}.mlp."
+        if pattern is not None and pattern[2 * i] == "M":
+            plan += _mamba_targets(spec, src, f"decoder.layers.{2 * i}.mixer.")
+        else:
+            plan += [
+                TargetTensor(attn + "linear_qkv.weight", tuple(src + f"self_attn.{n}_proj.weight" for n in "qkv"),
+                             "qkv", (q + 2 * kv, h)),
+                TargetTensor(attn + "linear_qkv.layer_norm_weight", (src + "input_layernorm.weight",), "copy", (h,)),
+                TargetTensor(attn + "linear_proj.weight", (src + "self_attn.o_proj.weight",), "copy", (h, q)),
+            ]
         plan += [
-            TargetTensor(attn + "linear_qkv.weight", tuple(src + f"self_attn.{n}_proj.weight" for n in "qkv"), "qkv",
-                         (q + 2 * kv, h)),
-            TargetTensor(attn + "linear_qkv.layer_norm_weight", (src + "input_layernorm.weight",), "copy", (h,)),
-            TargetTensor(attn + "linear_proj.weight", (src + "self_attn.o_proj.weight",), "copy", (h, q)),
             TargetTensor(mlp + "linear_fc1.weight", (src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"), "fc1",
                          (2 * f, h)),
             TargetTensor(mlp + "linear_fc1.layer_norm_weight", (src + "post_attention_layernorm.weight",), "copy",
@@ -335,9 +356,53 @@ def conversion_plan(spec: LlamaSpec, rows: int | None = None) -> list[TargetTens
     return plan
 
 
+def _mamba_targets(spec: LlamaSpec, src: str, dst: str) -> list[TargetTensor]:
+    """The Mamba2 mixer tensors of one converted attention layer (DESIGN.md, "Mamba in the Llama")."""
+    h, d, heads, kv = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+    conv = 2 * kv * d + heads * d
+    qkv = tuple(src + f"self_attn.{n}_proj.weight" for n in "qkv")
+    return [
+        TargetTensor(dst + "in_proj.weight", qkv, "mamba", (heads * d + conv + heads, h)),
+        TargetTensor(dst + "in_proj.layer_norm_weight", (src + "input_layernorm.weight",), "copy", (h,)),
+        *(TargetTensor(dst + name, (), "fresh", shape) for name, shape in (
+            ("conv1d.weight", (conv, 1, 4)), ("conv1d.bias", (conv,)), ("dt_bias", (heads,)), ("A_log", (heads,)),
+            ("D", (heads,)), ("norm.weight", (heads * d,)))),
+        TargetTensor(dst + "out_proj.weight", (src + "self_attn.o_proj.weight",), "copy", (h, heads * d)),
+    ]
+
+
+class MambaInit:
+    """Mixer tensors of converted layers (:func:`mamba_from_attention`), one layer at a time; the fresh parts of
+    Llama layer i are drawn from ``seed + i``."""
+
+    def __init__(self, spec: LlamaSpec, args: argparse.Namespace, seed: int) -> None:
+        full = argparse.Namespace(**vars(args))
+        full.tensor_model_parallel_size, full.sequence_parallel = 1, False
+        self.spec, self.config, self.seed = spec, core_transformer_config_from_args(full), seed
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def tensor(self, key: str, folder: HFFolder) -> torch.Tensor:
+        """The tensor of mixer key ``decoder.layers.{2i}.mixer.<name>``."""
+        layer = int(key.split(".")[2]) // 2
+        if self._cached is None or self._cached[0] != layer:
+            src = f"model.layers.{layer}."
+            q, k, v, o = (folder.get(src + f"self_attn.{n}_proj.weight").float() for n in "qkvo")
+            norm = folder.get(src + "input_layernorm.weight").float()
+            self._cached = (layer, mamba_from_attention(q, k, v, o, norm, self.config, self.spec.head_dim,
+                                                        self.seed + layer))
+        return self._cached[1][key.split(".mixer.", 1)[1]]
+
+
 def convert_tensor(target: TargetTensor, folder: HFFolder, spec: LlamaSpec,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The full target tensor, read from ``folder`` now (``dtype`` None keeps the source dtype)."""
+                   dtype: torch.dtype | None = None, mamba: MambaInit | None = None) -> torch.Tensor:
+    """The full target tensor, read from ``folder`` now (``dtype`` None keeps the source dtype). Mixer tensors of
+    converted layers come from ``mamba``."""
+    if target.op in ("mamba", "fresh"):
+        source_dtype = folder.info(f"model.layers.{int(target.key.split('.')[2]) // 2}.input_layernorm.weight").dtype
+        tensor = mamba.tensor(target.key, folder).to(dtype or source_dtype)
+        if tuple(tensor.shape) != target.shape:
+            raise LlamaImportError(f"{target.key} came out with shape {tuple(tensor.shape)}, expected {target.shape}")
+        return tensor.contiguous()
     sources = [folder.get(name) for name in target.sources]
     if target.op == "qkv":
         tensor = grouped_qkv(*sources, spec.num_kv_heads)
@@ -579,12 +644,12 @@ class _LazyTensors(Mapping):
     one), so that at most one full tensor besides one rank file is in memory."""
 
     def __init__(self, plan: list[TargetTensor], folder: HFFolder, spec: LlamaSpec, dtype: torch.dtype | None,
-                 bar: Any) -> None:
+                 bar: Any, mamba: MambaInit | None) -> None:
         self._plan = {target.key: target for target in plan}
-        self._folder, self._spec, self._dtype, self._bar = folder, spec, dtype, bar
+        self._folder, self._spec, self._dtype, self._bar, self._mamba = folder, spec, dtype, bar, mamba
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        tensor = convert_tensor(self._plan[key], self._folder, self._spec, self._dtype)
+        tensor = convert_tensor(self._plan[key], self._folder, self._spec, self._dtype, self._mamba)
         self._bar.update()
         return tensor
 
@@ -632,13 +697,16 @@ def _source_dtype(folder: HFFolder) -> torch.dtype:
 
 def convert_llama(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "source",
                   report_path: str | Path | None = None, progress: bool = False,
-                  allow_special_token_mismatch: bool = False) -> ConversionResult:
+                  allow_special_token_mismatch: bool = False, pattern: str | None = None,
+                  seed: int = 1234) -> ConversionResult:
     """Validate and convert the Llama folder ``hf_dir`` into a ``release`` checkpoint (iteration 0) in
     ``save_dir`` at tensor / pipeline size ``tp`` / ``pp``, with the tokenizer in ``save_dir/tokenizer``.
 
     The report is written to ``report_path`` (default ``save_dir/conversion_report.json``) either way; the
     checkpoint only when the report is ok, atomically (a temporary sibling renamed at the end). ``dtype``:
-    ``bfloat16``, ``float32`` or ``source`` (keep the stored dtype). Raises :class:`LlamaImportError`,
+    ``bfloat16``, ``float32`` or ``source`` (keep the stored dtype). ``pattern`` (two symbols per Llama layer,
+    ``M`` or ``*`` then ``-``) turns the ``M`` layers into Mamba2 layers initialised from their attention weights,
+    fresh parts drawn from ``seed``. Raises :class:`LlamaImportError`,
     ``HFFolderError`` or ``ReshardError`` for unusable input before anything is written."""
     from megatron.training.checkpoint_reshard import (
         FullCheckpoint,
@@ -662,9 +730,12 @@ def convert_llama(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: 
             true_vocab = spec.vocab_size  # reported as an error below
         target_dtype = DTYPES[dtype] or _source_dtype(folder)
         tokenizer_model = str((save_dir / TOKENIZER_DIR).resolve()) if tokenizer["present"] else None
+        if pattern is not None:
+            check_hybrid_pattern(pattern, spec.num_layers)
         args = llama_model_args(spec, tp=tp, pp=pp, params_dtype=target_dtype, tokenizer_model=tokenizer_model,
-                                true_vocab_size=true_vocab)
-        plan = conversion_plan(spec, args.padded_vocab_size)
+                                true_vocab_size=true_vocab, pattern=pattern)
+        plan = conversion_plan(spec, args.padded_vocab_size, pattern)
+        mamba = MambaInit(spec, args, seed) if pattern is not None and "M" in pattern else None
         report = validate_conversion(folder, spec, args, plan, tokenizer,
                                      allow_special_token_mismatch=allow_special_token_mismatch)
         report["target"].update(save_dir=str(save_dir), report=str(report_path), checkpoint_written=False)
@@ -689,7 +760,7 @@ def convert_llama(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: 
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         try:
             with tqdm(total=total, desc="converting tensors", unit="tensor", disable=not progress) as bar:
-                lazy = _LazyTensors(plan, folder, spec, DTYPES[dtype], bar)
+                lazy = _LazyTensors(plan, folder, spec, DTYPES[dtype], bar, mamba)
                 files = (((t, p), build_rank_file(full, layout, t, p, tensors=lazy, args=args, iteration=0))
                          for t, p in ranks)
                 write_checkpoint(staging, files, "release", pp > 1)
@@ -710,3 +781,31 @@ def convert_llama(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: 
     if report_path.resolve() != (save_dir / REPORT_NAME).resolve():
         _write_json(report_path, report)
     return ConversionResult(report, True, save_dir, report_path)
+
+
+def hybrid_pattern(num_layers: int, attention_fraction: float | None = None,
+                   attention_layers: Sequence[int] | None = None) -> str:
+    """The hybrid pattern (``M-`` or ``*-`` per Llama layer) keeping attention in a fraction of the layers (layer i
+    stays attention when ``(i + 1) % round(1 / fraction) == 0``; 0 converts every layer, 1 none) or in the listed
+    0-based layers."""
+    if (attention_fraction is None) == (attention_layers is None):
+        raise LlamaImportError("give exactly one of --attention-fraction, --attention-layers or a layer pattern")
+    if attention_layers is not None:
+        bad = [i for i in attention_layers if not 0 <= i < num_layers]
+        if bad:
+            raise LlamaImportError(f"--attention-layers {bad} out of range: the Llama has {num_layers} layers")
+        keep = set(attention_layers)
+    else:
+        if not 0.0 <= attention_fraction <= 1.0:
+            raise LlamaImportError(f"--attention-fraction must be in [0, 1], got {attention_fraction}")
+        period = round(1 / attention_fraction) if attention_fraction > 0 else 0
+        keep = {i for i in range(num_layers) if period and (i + 1) % period == 0}
+    return "".join("*-" if i in keep else "M-" for i in range(num_layers))
+
+
+def check_hybrid_pattern(pattern: str, num_layers: int) -> None:
+    """``LlamaImportError`` unless ``pattern`` is ``M-`` / ``*-`` for each of the ``num_layers`` Llama layers."""
+    pairs = [pattern[i : i + 2] for i in range(0, len(pattern), 2)]
+    if len(pattern) != 2 * num_layers or any(pair not in ("M-", "*-") for pair in pairs):
+        raise LlamaImportError(f"hybrid layer pattern {pattern!r} must be 'M-' or '*-' for each of the "
+                               f"{num_layers} Llama layers (each Llama layer keeps its MLP)")
