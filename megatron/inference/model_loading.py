@@ -35,12 +35,11 @@ from megatron.training.checkpointing import CheckpointError, check_compatible, c
 # Model-defining arguments --use-checkpoint-args takes from the checkpoint (the layer pattern is handled apart).
 MODEL_ARGS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
               "group_query_attention", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads",
-              "mamba_kv_groups", "mamba_version", "normalization", "norm_epsilon", "swiglu", "squared_relu",
-              "untie_embeddings_and_output_weights", "position_embedding_type", "rotary_base", "rotary_percent",
-              "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
-              "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings",
-              "add_bias_linear", "add_qkv_bias", "max_position_embeddings", "seq_length",
-              "make_vocab_size_divisible_by")
+              "mamba_kv_groups", "mamba_version", "mamba_expand", "normalization", "norm_epsilon", "swiglu",
+              "squared_relu", "untie_embeddings_and_output_weights", "position_embedding_type", "rotary_base",
+              "rotary_percent", "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+              "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings", "add_bias_linear",
+              "add_qkv_bias", "max_position_embeddings", "seq_length", "make_vocab_size_divisible_by")
 PATTERN_ARGS = ("hybrid_layer_pattern", "hybrid_override_pattern", "hybrid_attention_ratio", "hybrid_mlp_ratio",
                 "num_layers")
 # What the draft model takes from the target's command line.

@@ -112,6 +112,8 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mamba-num-heads", type=int, default=None,
                        help="Number of Mamba2 heads. Default 2 * hidden size / --mamba-head-dim.")
     group.add_argument("--mamba-version", type=int, default=2, choices=[1, 2], help="Mamba layer version.")
+    group.add_argument("--mamba-expand", type=int, default=2,
+                       help="Mamba1 inner width as a multiple of --hidden-size (Mamba2 sizes come from its heads).")
 
 
 def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
@@ -540,8 +542,9 @@ def _validate_model(args: argparse.Namespace) -> None:
         _require(args.ffn_hidden_size % tp == 0,
                  f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     if MAMBA in pattern and args.mamba_version == 1:
-        _require(2 * args.hidden_size % tp == 0,
-                 f"Mamba1 inner width {2 * args.hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+        inner = args.mamba_expand * args.hidden_size
+        _require(args.mamba_expand > 0, f"--mamba-expand must be positive, got {args.mamba_expand}")
+        _require(inner % tp == 0, f"Mamba1 inner width {inner} is not divisible by --tensor-model-parallel-size {tp}")
     for flag in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups"):
         value = getattr(args, flag)
         _require(value > 0, f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -706,6 +709,7 @@ def core_transformer_config_from_args(args: argparse.Namespace) -> TransformerCo
             init_method_std=args.init_method_std,
             params_dtype=args.params_dtype,
             mamba_version=args.mamba_version,
+            mamba_expand=args.mamba_expand,
             mamba_state_dim=args.mamba_state_dim,
             mamba_head_dim=args.mamba_head_dim,
             mamba_num_groups=args.mamba_num_groups,

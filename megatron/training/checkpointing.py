@@ -35,10 +35,10 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 # Model-defining arguments that must agree between a checkpoint and the run loading it.
 ARCHITECTURE_ARGS = ("hybrid_layer_pattern", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                      "ffn_hidden_size", "kv_channels", "mamba_state_dim", "mamba_head_dim", "mamba_num_groups",
-                     "mamba_num_heads", "mamba_kv_groups", "mamba_version", "padded_vocab_size", "normalization",
-                     "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights", "use_rope_scaling",
-                     "rope_scaling_factor", "rope_scaling_low_freq_factor", "rope_scaling_high_freq_factor",
-                     "rope_scaling_original_max_position_embeddings")
+                     "mamba_num_heads", "mamba_kv_groups", "mamba_version", "mamba_expand", "padded_vocab_size",
+                     "normalization", "swiglu", "position_embedding_type", "untie_embeddings_and_output_weights",
+                     "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                     "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings")
 
 
 class CheckpointError(RuntimeError):

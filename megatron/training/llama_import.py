@@ -202,13 +202,14 @@ def _number(value: float) -> int | float:
 
 def llama_model_args(spec: LlamaSpec, *, tp: int = 1, pp: int = 1, params_dtype: torch.dtype = torch.float32,
                      tokenizer_model: str | None = None, true_vocab_size: int | None = None,
-                     pattern: str | None = None) -> argparse.Namespace:
+                     pattern: str | None = None, mamba_version: int = 2) -> argparse.Namespace:
     """The validated args ``pretrain_hybrid.py`` would build for the all-attention hybrid of ``spec`` at tensor /
     pipeline size ``tp`` / ``pp``: pattern ``*-`` per Llama layer, SwiGLU, RMSNorm, no biases, RoPE (scaled for
     Llama 3.1), no dropout, ``HuggingFaceTokenizer`` at ``tokenizer_model`` (None: no tokenizer type), the
     vocabulary padding of :func:`choose_vocab_layout` with ``padded_vocab_size`` / ``true_vocab_size`` set.
-    ``pattern`` (``M-*-...``, two symbols per Llama layer) makes some attention layers Mamba2 layers of the sizes
-    :func:`~megatron.core.models.hybrid.attention_to_mamba.mamba_config_for_attention` gives."""
+    ``pattern`` (``M-*-...``, two symbols per Llama layer) makes some attention layers Mamba layers: Mamba2 with
+    ``nheads = n_heads``, ``headdim = d_state = head_dim``, C per head and x/B per key/value head, or Mamba1
+    (``mamba_version=1``) of inner width ``n_heads * head_dim``."""
     for name, value in (("--target-tp-size", tp), ("--target-pp-size", pp)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LlamaImportError(f"{name} must be a positive integer, got {value!r}")
@@ -227,7 +228,13 @@ def llama_model_args(spec: LlamaSpec, *, tp: int = 1, pp: int = 1, params_dtype:
     ]
     if not spec.tied:
         flags.append("--untie-embeddings-and-output-weights")
-    if pattern is not None and "M" in pattern:
+    if pattern is not None and "M" in pattern and mamba_version == 1:
+        inner = spec.num_heads * spec.head_dim
+        if inner % spec.hidden_size:
+            raise LlamaImportError(f"Mamba1 layers need heads x head_dim ({inner}) to be a multiple of the hidden "
+                                   f"size {spec.hidden_size}")
+        flags += ["--mamba-version", "1", "--mamba-expand", str(inner // spec.hidden_size), "--mamba-state-dim", "16"]
+    elif pattern is not None and "M" in pattern:
         d = str(spec.head_dim)
         flags += ["--mamba-num-heads", str(spec.num_heads), "--mamba-head-dim", d, "--mamba-state-dim", d,
                   "--mamba-num-groups", str(spec.num_heads), "--mamba-kv-groups", str(spec.num_kv_heads)]
@@ -322,7 +329,8 @@ def expected_source_shapes(spec: LlamaSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def conversion_plan(spec: LlamaSpec, rows: int | None = None, pattern: str | None = None) -> list[TargetTensor]:
+def conversion_plan(spec: LlamaSpec, rows: int | None = None, pattern: str | None = None,
+                    mamba_version: int = 2) -> list[TargetTensor]:
     """The target tensors in model order (``rows``: the padded vocabulary, default the Llama vocabulary). With a
     ``pattern``, the Llama layers whose first symbol is ``M`` become Mamba2 layers initialised from q/k/v/o."""
     rows = spec.vocab_size if rows is None else rows
@@ -334,7 +342,9 @@ def conversion_plan(spec: LlamaSpec, rows: int | None = None, pattern: str | Non
     for i in range(spec.num_layers):
         src, attn, mlp = f"model.layers.{i}.", f"decoder.layers.{2 * i}.self_attention.", \
             f"decoder.layers.{2 * i + 1}.mlp."
-        if pattern is not None and pattern[2 * i] == "M":
+        if pattern is not None and pattern[2 * i] == "M" and mamba_version == 1:
+            plan += _mamba1_targets(spec, src, f"decoder.layers.{2 * i}.mixer.")
+        elif pattern is not None and pattern[2 * i] == "M":
             plan += _mamba_targets(spec, src, f"decoder.layers.{2 * i}.mixer.")
         else:
             plan += [
@@ -369,6 +379,28 @@ def _mamba_targets(spec: LlamaSpec, src: str, dst: str) -> list[TargetTensor]:
             ("D", (heads,)), ("norm.weight", (heads * d,)))),
         TargetTensor(dst + "out_proj.weight", (src + "self_attn.o_proj.weight",), "copy", (h, heads * d)),
     ]
+
+
+def _mamba1_targets(spec: LlamaSpec, src: str, dst: str) -> list[TargetTensor]:
+    """The Mamba1 mixer tensors of one converted attention layer: x rows from v_proj (repeated per head), out_proj
+    from o_proj; q/k have no place (Mamba1 computes B and C from x)."""
+    h, inner, state, rank = spec.hidden_size, spec.num_heads * spec.head_dim, 16, -(-spec.hidden_size // 16)
+    return [
+        TargetTensor(dst + "in_proj.weight", (src + "self_attn.v_proj.weight",), "mamba", (2 * inner, h)),
+        TargetTensor(dst + "in_proj.layer_norm_weight", (src + "input_layernorm.weight",), "copy", (h,)),
+        *(TargetTensor(dst + name, (), "fresh", shape) for name, shape in (
+            ("conv1d.weight", (inner, 1, 4)), ("conv1d.bias", (inner,)), ("x_proj.weight", (rank + 2 * state, inner)),
+            ("dt_proj.weight", (inner, rank)), ("dt_proj.bias", (inner,)), ("A_log", (inner, state)),
+            ("D", (inner,)))),
+        TargetTensor(dst + "out_proj.weight", (src + "self_attn.o_proj.weight",), "copy", (h, inner)),
+    ]
+
+
+def mamba1_unused(spec: LlamaSpec, pattern: str) -> dict[str, str]:
+    """The q/k projections that Mamba1 conversions leave out, with the reason (for the validation report)."""
+    reason = "Mamba1 computes B and C from x: q_proj / k_proj of a converted layer have no place"
+    return {f"model.layers.{i}.self_attn.{n}_proj.weight": reason
+            for i in range(spec.num_layers) if pattern[2 * i] == "M" for n in "qk"}
 
 
 class MambaInit:
@@ -503,7 +535,8 @@ def _unused_reason(name: str, spec: LlamaSpec) -> tuple[str, bool]:
 
 def validate_conversion(folder: HFFolder, spec: LlamaSpec, args: argparse.Namespace,
                         plan: list[TargetTensor], tokenizer: dict[str, Any], *,
-                        allow_special_token_mismatch: bool = False) -> dict[str, Any]:
+                        allow_special_token_mismatch: bool = False,
+                        known_unused: dict[str, str] | None = None) -> dict[str, Any]:
     """The validation report (a JSON-able dict) of converting ``folder`` by ``plan`` into the model of ``args``.
     ``ok`` is False when a source tensor is unknown or missing, a shape differs from what the config or the model
     implies, a target parameter has no source, the tokenizer is unusable or larger than the vocabulary, or (unless
@@ -530,6 +563,8 @@ def validate_conversion(folder: HFFolder, spec: LlamaSpec, args: argparse.Namesp
                 errors.append(f"source tensor {name} has dtype {entry['dtype']}, not a floating-point type")
         else:
             reason, expected_unused = _unused_reason(name, spec)
+            if name in (known_unused or {}):
+                reason, expected_unused = known_unused[name], True
             entry.update(status="unused", reason=reason)
             if not expected_unused:
                 errors.append(f"source tensor {name} {list(info.shape)} is unaccounted for ({reason})")
@@ -698,7 +733,7 @@ def _source_dtype(folder: HFFolder) -> torch.dtype:
 def convert_llama(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: int = 1, dtype: str = "source",
                   report_path: str | Path | None = None, progress: bool = False,
                   allow_special_token_mismatch: bool = False, pattern: str | None = None,
-                  seed: int = 1234) -> ConversionResult:
+                  seed: int = 1234, mamba_version: int = 2) -> ConversionResult:
     """Validate and convert the Llama folder ``hf_dir`` into a ``release`` checkpoint (iteration 0) in
     ``save_dir`` at tensor / pipeline size ``tp`` / ``pp``, with the tokenizer in ``save_dir/tokenizer``.
 
@@ -733,11 +768,13 @@ def convert_llama(hf_dir: str | Path, save_dir: str | Path, *, tp: int = 1, pp: 
         if pattern is not None:
             check_hybrid_pattern(pattern, spec.num_layers)
         args = llama_model_args(spec, tp=tp, pp=pp, params_dtype=target_dtype, tokenizer_model=tokenizer_model,
-                                true_vocab_size=true_vocab, pattern=pattern)
-        plan = conversion_plan(spec, args.padded_vocab_size, pattern)
+                                true_vocab_size=true_vocab, pattern=pattern, mamba_version=mamba_version)
+        plan = conversion_plan(spec, args.padded_vocab_size, pattern, mamba_version)
+        unused = mamba1_unused(spec, pattern) if pattern is not None and mamba_version == 1 else {}
         mamba = MambaInit(spec, args, seed) if pattern is not None and "M" in pattern else None
         report = validate_conversion(folder, spec, args, plan, tokenizer,
-                                     allow_special_token_mismatch=allow_special_token_mismatch)
+                                     allow_special_token_mismatch=allow_special_token_mismatch,
+                                     known_unused=unused)
         report["target"].update(save_dir=str(save_dir), report=str(report_path), checkpoint_written=False)
         if not report["ok"]:
             _write_json(report_path, report)

@@ -68,6 +68,9 @@ def get_args(argv: Sequence[str] | None = None, hybrid: bool = False,
         parser.add_argument("--hybrid-layer-pattern", default=None,
                             help="The pattern itself, 'M-' or '*-' per Llama layer.")
         parser.add_argument("--seed", type=int, default=1234, help="Seed of the fresh Mamba parameters.")
+        parser.add_argument("--mamba-version", type=int, choices=[1, 2], default=2,
+                            help="Mamba2 (default: x <- v, B <- k, C <- q, out <- o) or Mamba1 (x <- v, out <- o; "
+                                 "B and C come from x, so q and k are left unused).")
     return parser.parse_args(argv)
 
 
@@ -82,7 +85,7 @@ def main(argv: Sequence[str] | None = None, hybrid: bool = False, description: s
         result = convert_llama(args.hf_dir, args.save_dir, tp=args.target_tp_size, pp=args.target_pp_size,
                                dtype=args.dtype, report_path=args.report, progress=progress,
                                allow_special_token_mismatch=args.allow_special_token_mismatch, pattern=pattern,
-                               seed=getattr(args, "seed", 1234))
+                               seed=getattr(args, "seed", 1234), mamba_version=getattr(args, "mamba_version", 2))
     except (LlamaImportError, HFFolderError, ReshardError, UnknownTensorError) as error:
         fail(str(error))
     except OSError as error:

@@ -97,3 +97,22 @@ def test_layer_choice_rules_and_errors(llama, tmp_path, capsys):
     assert run(hf_dir, tmp_path / "bad", "--hybrid-layer-pattern", "MM*-") == 2
     assert "must be 'M-' or '*-' for each of the 2 Llama layers" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_mamba1_conversion_takes_v_and_o_and_reports_q_k_unused(llama, tmp_path):
+    hf_dir, hf = llama
+    assert run(hf_dir, tmp_path / "m1", "--attention-layers", "1", "--mamba-version", "1") == 0
+    model, args = load_converted(tmp_path / "m1")
+    assert args.mamba_version == 1 and args.mamba_expand == 1
+    source, mixer = hf.state_dict(), model.decoder.layers[0].mixer
+    v = source["model.layers.0.self_attn.v_proj.weight"].unflatten(0, (2, 16))  # 2 key/value heads of 16
+    x = mixer.in_proj.weight[:64].unflatten(0, (4, 16))
+    for head in range(4):
+        assert torch.equal(x[head], v[head // 2])
+    assert torch.equal(mixer.out_proj.weight, source["model.layers.0.self_attn.o_proj.weight"])
+    report = json.loads((tmp_path / "m1" / "conversion_report.json").read_text())
+    unused = {name for name, entry in report["source_tensors"].items() if entry["status"] == "unused"}
+    assert report["ok"] and unused == {"model.layers.0.self_attn.q_proj.weight",
+                                       "model.layers.0.self_attn.k_proj.weight"}
+    with torch.no_grad():
+        assert model(torch.randint(0, 100, (1, 12))).isfinite().all()
