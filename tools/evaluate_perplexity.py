@@ -142,7 +142,10 @@ def load_checkpoint_model(args: argparse.Namespace) -> LoadedModel:
     from megatron.training.checkpointing import read_tracker
 
     device = _device(args.device)
-    saved = read_checkpoint_args(args.load)
+    saved = read_checkpoint_args(args.load, required=False)
+    if saved is None:
+        raise UserError(f"checkpoint {args.load} has no saved args: this tool takes the model's architecture and "
+                        "tokenizer from them")
     model_args = arguments.build_parser().parse_args([])
     explicit = {}
     for name in ("tokenizer_type", "tokenizer_model", "vocab_size"):
@@ -150,8 +153,6 @@ def load_checkpoint_model(args: argparse.Namespace) -> LoadedModel:
             explicit[name] = getattr(args, name)
             setattr(model_args, name, explicit[name])
     apply_checkpoint_args(model_args, saved, explicit)
-    if getattr(model_args, "mamba_kv_groups", None) is None and getattr(saved, "mamba_kv_groups", None) is not None:
-        model_args.mamba_kv_groups = saved.mamba_kv_groups  # converted GQA layers; not in model_loading's list
     model_args.load = args.load
     model_args.bf16 = args.bf16
     model_args.distributed_backend = "nccl" if device.type == "cuda" else "gloo"

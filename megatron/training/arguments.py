@@ -204,8 +204,9 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--finetune", action="store_true",
                        help="Load model weights only and start at iteration 0 (no optimizer, RNG or data position).")
     group.add_argument("--use-checkpoint-args", action="store_true",
-                       help="Accepted for Megatron-LM compatibility; the architecture comes from the command line "
-                            "and a checkpoint made for a different one is rejected with a message.")
+                       help="Text generation server: take the model architecture (and tokenizer, when not given) "
+                            "from the --load checkpoint. Pretraining takes it from the command line and rejects a "
+                            "checkpoint made for a different one with a message.")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:

@@ -445,3 +445,17 @@ def test_overrides_must_agree_with_saved_args(sources, tmp_path):
         convert_checkpoint(source, tmp_path / "out", 2, 1, overrides={"hidden_size": 64})
     convert_checkpoint(source, tmp_path / "ok", 2, 1, overrides={"hidden_size": 32, "mamba_num_groups": 2})
     assert not (tmp_path / "out").exists() and (tmp_path / "ok").exists()
+
+
+def test_checkpoints_of_older_code_without_newer_args_gather(sources, tmp_path):
+    """Args saved before --mamba-expand, --mamba-kv-groups and RoPE scaling existed take those flags' defaults."""
+    source, _, _ = sources["mamba2_swiglu_untied"]
+    old = tmp_path / "old"
+    shutil.copytree(source, old)
+    path = checkpoint_name(old, ITERATION)
+    state = load_state(path)
+    for name in ("mamba_expand", "mamba_kv_groups", "use_rope_scaling", "rope_scaling_factor"):
+        delattr(state["args"], name)
+    torch.save(state, path)
+    full = gather_checkpoint(old, load_optimizer=False)
+    assert full.config.mamba_kv_groups is None and full.config.mamba_expand == 2
