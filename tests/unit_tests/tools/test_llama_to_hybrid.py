@@ -116,3 +116,20 @@ def test_mamba1_conversion_takes_v_and_o_and_reports_q_k_unused(llama, tmp_path)
                                        "model.layers.0.self_attn.k_proj.weight"}
     with torch.no_grad():
         assert model(torch.randint(0, 100, (1, 12))).isfinite().all()
+
+
+def test_converted_all_attention_model_has_the_llamas_perplexity(llama, tmp_path):
+    """tools/evaluate_perplexity.py on the Hugging Face Llama and on its conversion, same text, strided windows."""
+    hf_dir, _ = llama
+    assert run(hf_dir, tmp_path / "all", "--attention-fraction", "1.0") == 0
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{(7 * i) % 97 + 3}" for i in range(90)))
+    evaluate = load_script(REPO / "tools" / "evaluate_perplexity.py", "evaluate_perplexity")
+    results = []
+    for source in (["--hf-dir", str(hf_dir)], ["--load", str(tmp_path / "all")]):
+        out = tmp_path / f"ppl{len(results)}.json"
+        assert evaluate.main([*source, "--input", str(text), "--window", "32", "--stride", "16", "--json", str(out),
+                              "--no-progress"]) == 0
+        results.append(json.loads(out.read_text()))
+    assert results[0]["tokens"] == results[1]["tokens"] == 89
+    assert results[1]["perplexity"] == pytest.approx(results[0]["perplexity"], rel=1e-5)
