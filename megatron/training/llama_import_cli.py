@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from megatron.core.tensor_parallel.sharding import UnknownTensorError
 from megatron.training.checkpoint_reshard import ReshardError
+from megatron.training.cli import EXIT_USER_ERROR, fail
+from megatron.training.cli import OneLineParser as _Parser
 from megatron.training.hf_folder import HFFolder, HFFolderError
 from megatron.training.llama_import import (
     DTYPES,
@@ -24,22 +25,6 @@ from megatron.training.llama_import import (
     hybrid_pattern,
     llama_spec,
 )
-
-EXIT_USER_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one ``error:`` line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(message)
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: <first line of message>`` to stderr and exit with code 2."""
-    text = str(message).strip()
-    print(f"error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 def get_args(argv: Sequence[str] | None = None, hybrid: bool = False,

@@ -36,28 +36,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched
 
 import argparse  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import NoReturn  # noqa: E402
 
 from megatron.core.tensor_parallel.sharding import UnknownTensorError  # noqa: E402
 from megatron.training.checkpoint_reshard import ReshardError  # noqa: E402
 from megatron.training.checkpointing import CheckpointError  # noqa: E402
+from megatron.training.cli import OneLineParser as _Parser  # noqa: E402
+from megatron.training.cli import fail  # noqa: E402
 from megatron.training.hf_export import DTYPES, TARGETS, ExportError, export_checkpoint  # noqa: E402
-
-EXIT_USER_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one ``error:`` line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(message)
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: <first line of message>`` to stderr and exit with code 2."""
-    text = str(message).strip()
-    print(f"error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -37,13 +37,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
 import argparse  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any, NoReturn  # noqa: E402
+from typing import Any  # noqa: E402
 
 from megatron.core.tensor_parallel.sharding import UnknownTensorError  # noqa: E402
 from megatron.training.checkpoint_reshard import ReshardError, convert_checkpoint  # noqa: E402
 from megatron.training.checkpointing import CheckpointError  # noqa: E402
+from megatron.training.cli import OneLineParser as _Parser  # noqa: E402
+from megatron.training.cli import fail  # noqa: E402
 
-EXIT_USER_ERROR = 2
 # Model-size flags for checkpoints whose saved args lack them: (flag, Megatron alias or None, args field, type).
 OVERRIDES = (
     ("--hidden-size", "--d-model", "hidden_size", int),
@@ -61,17 +62,6 @@ OVERRIDES = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one ``error:`` line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(message)
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: <first line of message>`` to stderr and exit with code 2."""
-    print(f"error: {str(message).strip().splitlines()[0] if str(message).strip() else 'failed'}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 def get_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -20,36 +20,24 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(os.path.dirname(_HERE)))
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 from collections import Counter  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any, NoReturn  # noqa: E402
+from typing import Any  # noqa: E402
 
 from megatron.core.models.hybrid.hybrid_layer_allocation import strip_stage_boundaries  # noqa: E402
 from megatron.core.tensor_parallel.sharding import UnknownTensorError  # noqa: E402
 from megatron.training.checkpoint_reshard import FullCheckpoint, ReshardError, gather_checkpoint  # noqa: E402
 from megatron.training.checkpointing import CheckpointError  # noqa: E402
+from megatron.training.cli import OneLineParser as _Parser  # noqa: E402
+from megatron.training.cli import fail  # noqa: E402
 
-EXIT_USER_ERROR = 2
 MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                 "kv_channels", "mamba_version", "mamba_num_heads", "mamba_head_dim", "mamba_num_groups",
                 "mamba_state_dim", "normalization", "swiglu", "squared_relu", "position_embedding_type",
                 "untie_embeddings_and_output_weights", "make_vocab_size_divisible_by", "params_dtype")
 
 
-class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one ``error:`` line and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(message)
-
-
-def fail(message: str) -> NoReturn:
-    """Print ``error: <first line of message>`` to stderr and exit with code 2."""
-    text = str(message).strip()
-    print(f"error: {text.splitlines()[0] if text else 'failed'}", file=sys.stderr)
-    raise SystemExit(EXIT_USER_ERROR)
 
 
 def describe(full: FullCheckpoint) -> dict[str, Any]:
