@@ -204,9 +204,8 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--finetune", action="store_true",
                        help="Load model weights only and start at iteration 0 (no optimizer, RNG or data position).")
     group.add_argument("--use-checkpoint-args", action="store_true",
-                       help="Text generation server: take the model architecture (and tokenizer, when not given) "
-                            "from the --load checkpoint. Pretraining takes it from the command line and rejects a "
-                            "checkpoint made for a different one with a message.")
+                       help="Take the model architecture (and the tokenizer, when not given) from the --load "
+                            "checkpoint's saved arguments; flags given on the command line must agree with it.")
 
 
 def _add_mixed_precision_args(parser: argparse.ArgumentParser) -> None:
@@ -306,14 +305,22 @@ def parse_args(argv: list[str] | None = None, ignore_unknown_args: bool = False,
     """Parse ``argv`` (default ``sys.argv[1:]``) and validate it with :func:`validate_args`.
 
     ``ignore_unknown_args`` skips flags this parser does not know (as Megatron's ``parse_known_args`` mode).
-    ``training=False`` (for serving / evaluation tools) skips the checks that only training needs.
-    Raises :class:`ArgumentError` with a one-line message for any invalid command line.
+    ``training=False`` (for serving / evaluation tools) skips the checks that only training needs. With
+    ``--use-checkpoint-args`` the model-defining arguments come from the ``--load`` checkpoint.
+    Raises :class:`ArgumentError` with a one-line message for any invalid command line (``CheckpointError`` for an
+    unreadable checkpoint).
     """
     parser = build_parser()
     if ignore_unknown_args:
         args, _ = parser.parse_known_args(argv)
     else:
         args = parser.parse_args(argv)
+    if args.use_checkpoint_args:
+        if args.load is None:
+            _fail("--use-checkpoint-args needs --load: the checkpoint whose model arguments to use")
+        from megatron.training.checkpoint_args import apply_checkpoint_args, explicit_flags, read_checkpoint_args
+
+        apply_checkpoint_args(args, read_checkpoint_args(args.load), explicit_flags(build_parser, argv))
     return validate_args(args, training=training)
 
 

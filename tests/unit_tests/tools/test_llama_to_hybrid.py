@@ -133,3 +133,21 @@ def test_converted_all_attention_model_has_the_llamas_perplexity(llama, tmp_path
         results.append(json.loads(out.read_text()))
     assert results[0]["tokens"] == results[1]["tokens"] == 89
     assert results[1]["perplexity"] == pytest.approx(results[0]["perplexity"], rel=1e-5)
+
+
+def test_pretraining_continues_from_the_conversion_with_checkpoint_args(llama, tmp_path):
+    """``pretrain_hybrid.py --load CONVERTED --use-checkpoint-args`` needs no model flags (they are in the
+    checkpoint) and trains; a contradicting model flag is refused with one line."""
+    import subprocess
+    import sys
+
+    hf_dir, _ = llama
+    assert run(hf_dir, tmp_path / "mil", "--attention-fraction", "0.5") == 0
+    command = [sys.executable, str(REPO / "pretrain_hybrid.py"), "--load", str(tmp_path / "mil"),
+               "--use-checkpoint-args", "--mock-data", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-4",
+               "--log-interval", "1", "--eval-iters", "0", "--num-workers", "0", "--distributed-backend", "gloo"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "hybrid layer pattern: M-*-" in result.stdout and result.stdout.count("lm loss:") == 2
+    refused = subprocess.run([*command, "--hidden-size", "32"], capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2 and "--hidden-size 32 vs the checkpoint's 64" in refused.stderr
