@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +56,7 @@ from megatron.training.checkpointing import (
     load_state,
     read_tracker,
 )
+from megatron.training.staging import staged_directory
 from megatron.training.tokenizer import padded_vocab_size
 
 __all__ = [
@@ -871,11 +870,8 @@ def write_checkpoint(save_dir: str | Path, files: Iterable[tuple[tuple[int, int]
     ``save_dir`` must not exist or be empty. Returns the number of files written."""
     save_dir = Path(save_dir)
     _check_save_dir(save_dir, None)
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = save_dir.parent / f".{save_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     count = 0
-    try:
+    with staged_directory(save_dir) as staging:
         for (tp_rank, pp_rank), state in files:
             path = checkpoint_name(staging, iteration, tp_rank, pp_rank, pipeline_parallel)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -885,12 +881,6 @@ def write_checkpoint(save_dir: str | Path, files: Iterable[tuple[tuple[int, int]
                 os.fsync(handle.fileno())
             count += 1
         (staging / TRACKER_FILENAME).write_text(str(iteration))
-        if save_dir.exists():
-            save_dir.rmdir()
-        os.replace(staging, save_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return count
 
 

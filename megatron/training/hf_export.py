@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +49,7 @@ from tqdm import tqdm
 from megatron.core.models.hybrid.hybrid_layer_allocation import ATTENTION, MAMBA, MLP, strip_stage_boundaries
 from megatron.core.transformer.transformer_config import squared_relu
 from megatron.training.checkpoint_reshard import FullCheckpoint, gather_checkpoint
+from megatron.training.staging import staged_directory
 
 __all__ = [
     "DTYPES", "NEMOTRON_H_TIME_STEP_MIN", "TARGETS", "ExportError", "ExportResult", "ModelFacts", "build_export",
@@ -716,10 +715,7 @@ def export_checkpoint(load_dir: str | Path, save_dir: str | Path, target: str = 
     chosen, config, tensors, export_warnings = build_export(full, target, dtype, token_ids, progress)
     warnings = export_warnings + warnings
     parameters = sum(t.numel() for t in tensors.values())
-    save_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = save_dir.parent / f".{save_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_directory(save_dir) as staging:
         files = write_safetensors(staging, tensors, max_shard_bytes, progress)
         del tensors
         config.save_pretrained(staging)
@@ -730,11 +726,5 @@ def export_checkpoint(load_dir: str | Path, save_dir: str | Path, target: str = 
         copied, tokenizer_warnings = copy_tokenizer(full.args, staging, token_ids, save_dir)
         files += copied
         warnings += tokenizer_warnings
-        if save_dir.exists():
-            save_dir.rmdir()
-        os.replace(staging, save_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(chosen, ARCHITECTURES[chosen], save_dir, parameters, facts.true_vocab, padded, dtype, files,
                         warnings)
