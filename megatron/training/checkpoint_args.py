@@ -15,7 +15,7 @@ import torch
 
 from megatron.core.models.hybrid.hybrid_layer_allocation import resolve_hybrid_pattern, strip_stage_boundaries
 from megatron.training.arguments import ArgumentError
-from megatron.training.checkpointing import CheckpointError, checkpoint_name, read_tracker
+from megatron.training.checkpointing import CheckpointError, checkpoint_name, read_tracker, upgrade_saved_args
 
 # Model-defining arguments --use-checkpoint-args takes from the checkpoint (the layer pattern is handled apart).
 MODEL_ARGS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
@@ -81,7 +81,7 @@ def read_checkpoint_args(directory: str | Path, required: bool = True) -> argpar
             return None
         raise CheckpointError(f"checkpoint {path} has no saved args; give the model flags instead of "
                               "--use-checkpoint-args")
-    return saved
+    return upgrade_saved_args(saved)
 
 
 def saved_layer_pattern(saved: argparse.Namespace) -> str:

@@ -41,6 +41,22 @@ ARCHITECTURE_ARGS = ("hybrid_layer_pattern", "num_layers", "hidden_size", "num_a
                      "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings")
 
 
+# Model arguments added after checkpoints were first written, with the value that reproduces the older behaviour.
+NEWER_ARG_DEFAULTS = {
+    "mamba_expand": 2, "mamba_kv_groups": None, "use_rope_scaling": False, "rope_scaling_factor": 8.0,
+    "rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
+    "rope_scaling_original_max_position_embeddings": 8192,
+}
+
+
+def upgrade_saved_args(saved: argparse.Namespace) -> argparse.Namespace:
+    """Give args saved by older code the arguments added since, at their old-behaviour values (in place)."""
+    for name, value in NEWER_ARG_DEFAULTS.items():
+        if not hasattr(saved, name):
+            setattr(saved, name, value)
+    return saved
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or made for a different model."""
 
@@ -206,6 +222,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
     if not isinstance(state, dict) or not ("model" in state or "model0" in state):
         raise CheckpointError(f"checkpoint {path} has no 'model' entry")
+    if isinstance(state.get("args"), argparse.Namespace):
+        upgrade_saved_args(state["args"])
     return state
 
 

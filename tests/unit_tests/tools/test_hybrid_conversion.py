@@ -459,3 +459,5 @@ def test_checkpoints_of_older_code_without_newer_args_gather(sources, tmp_path):
     torch.save(state, path)
     full = gather_checkpoint(old, load_optimizer=False)
     assert full.config.mamba_kv_groups is None and full.config.mamba_expand == 2
+    saved = load_state(path)["args"]  # the loader fills them in for every reader (build_model, the server, ...)
+    assert saved.mamba_expand == 2 and saved.mamba_kv_groups is None and saved.use_rope_scaling is False
