@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import pytest
 import requests
-import torch
 from werkzeug.serving import make_server
 
 from megatron.core.inference.sampling import SamplingParams
@@ -27,13 +26,7 @@ from .helpers import CharTokenizer, generation_model
 MAX_LENGTH = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Generation of a tiny model is fastest on one thread (and far slower with two on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -109,12 +109,7 @@ def checkpoint(tmp_path_factory) -> dict[str, Path]:
             "tokenizer": tokenizer}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 def in_process_generator(load: Path, *extra: str) -> TextGenerator:

@@ -66,13 +66,7 @@ def run_tool(*argv: str) -> subprocess.CompletedProcess:
                           cwd=str(REPO), env=env)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy machine's idle threads spin otherwise."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (tests/conftest.py)
 
 
 # -------------------------------------------------------------------------------------------- the sliding window
