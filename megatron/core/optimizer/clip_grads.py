@@ -24,15 +24,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     ``max_norm`` (``inf``: never). Returns that global norm, the same on every rank of the model."""
     grads = [p.grad for p in params if p.grad is not None and counted_in_norm(p)]
     squares = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
-    if grads:
-        squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    if grads:  # torch's norm runs one fused (foreach) kernel per device and dtype
+        squares = torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().square()
     group = parallel_state.get_model_parallel_group()
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(squares, group=group)
-    total = math.sqrt(squares.item())
-    scale = max_norm / (total + 1e-6)  # as torch.nn.utils.clip_grad_norm_
-    if scale < 1.0:
-        for param in params:
-            if param.grad is not None:
-                param.grad.mul_(scale)
-    return total
+    total = squares.sqrt()
+    if math.isfinite(max_norm):  # scales by max_norm / (total + 1e-6) when that is below 1, as clip_grad_norm_ does
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total.item()
