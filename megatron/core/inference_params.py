@@ -17,7 +17,7 @@ class InferenceParams:
     ``(max_batch, nheads, headdim, d_state)`` (Mamba1: ``(max_batch, d_inner, d_state)``).
     """
 
-    def __init__(self, max_batch_size: int, max_sequence_length: int) -> None:
+    def __init__(self, max_batch_size: int, max_sequence_length: int, last_logits_only: bool = False) -> None:
         if max_batch_size <= 0 or max_sequence_length <= 0:
             raise ValueError(
                 f"InferenceParams needs positive sizes, got batch {max_batch_size}, length {max_sequence_length}"
@@ -25,6 +25,8 @@ class InferenceParams:
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length
         self.sequence_len_offset = 0
+        # Callers that only sample the next token skip the (tokens x vocab) logits of every earlier position.
+        self.last_logits_only = last_logits_only
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, ...]] = {}
         self.recurrent_layers: set[int] = set()
         self._transposed: dict[int, tuple[int, torch.Tensor]] = {}

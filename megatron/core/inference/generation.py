@@ -113,7 +113,7 @@ def generate(
     state = _Progress(lengths, laid_out.budgets, eod, stop)
     log_probs = torch.zeros(batch, total, dtype=torch.float32, device=device) if return_log_probs else None
 
-    inference_params = InferenceParams(batch, total)
+    inference_params = InferenceParams(batch, total, last_logits_only=not return_log_probs)
     start = min(lengths)
     logits = model(tokens[:, :start], inference_params=inference_params)
     inference_params.advance(start)
@@ -180,7 +180,7 @@ def greedy_generate(model: nn.Module, prompt: torch.Tensor, num_tokens: int) -> 
     """Append ``num_tokens`` argmax tokens to each prompt of ``prompt`` ``(b, p)`` (no early stop); returns
     ``(b, num_tokens)``. The fast path for equal-length prompts, used by the benchmarks."""
     batch, length = prompt.shape
-    inference_params = InferenceParams(batch, length + num_tokens)
+    inference_params = InferenceParams(batch, length + num_tokens, last_logits_only=True)
     logits = model(prompt, inference_params=inference_params)
     inference_params.advance(length)
     generated = []

@@ -93,7 +93,7 @@ class _Round:
         self.log_probs = torch.zeros(batch, total, device=tokens.device) if self.return_log_probs else None
         # One spare position: a round may propose past the longest budget before it is cut.
         self.target_cache = InferenceParams(batch, total + 1)
-        self.draft_cache = InferenceParams(batch, total + 1)
+        self.draft_cache = InferenceParams(batch, total + 1, last_logits_only=True)  # it only proposes
 
     def _forward(self, model: nn.Module, cache: InferenceParams, start: int, end: int) -> torch.Tensor:
         logits = model(self.tokens[:, start:end], inference_params=cache)

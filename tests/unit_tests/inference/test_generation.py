@@ -90,3 +90,15 @@ def test_filters_keep_the_right_tokens():
     assert GREEDY.greedy and not SamplingParams().greedy
     with pytest.raises(ValueError, match="top_k and top_p cannot both be used"):
         SamplingParams(top_k=3, top_p=0.5)
+
+
+def test_last_logits_only_returns_the_last_position():
+    from megatron.core.inference_params import InferenceParams
+
+    model = generation_model()
+    tokens = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        full = model(tokens)
+        last = model(tokens, inference_params=InferenceParams(1, 16, last_logits_only=True))
+    assert last.shape == (1, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-12)

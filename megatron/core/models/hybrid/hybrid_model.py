@@ -174,6 +174,8 @@ class HybridModel(nn.Module):
         if not self.post_process:
             return hidden
 
+        if inference_params is not None and inference_params.last_logits_only and labels is None:
+            hidden = hidden[:, -1:]  # (b, 1, hidden): the only position whose logits the caller uses
         logits = self.output_layer(hidden, inference_params, weight=self.output_weight())  # (b, s, vocab / tp)
         if labels is None:
             return gather_from_tensor_model_parallel_region(logits)
