@@ -50,6 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.training.arguments import core_transformer_config_from_args
 from megatron.training.checkpointing import (
     CHECKPOINT_VERSION,
+    NEWER_ARG_DEFAULTS,
     TRACKER_FILENAME,
     CheckpointError,
     checkpoint_name,
@@ -78,14 +79,13 @@ _ARG_DEFAULTS: dict[str, Any] = {
     "normalization": "LayerNorm", "norm_epsilon": 1e-5, "add_bias_linear": True, "add_qkv_bias": False,
     "swiglu": False, "squared_relu": False, "hidden_dropout": 0.1, "attention_dropout": 0.1,
     "init_method_std": 0.02, "mamba_version": 2, "mamba_state_dim": 128, "mamba_head_dim": 64,
-    "mamba_num_groups": 8, "mamba_num_heads": None, "mamba_kv_groups": None, "mamba_expand": 2,
-    "use_rope_scaling": False, "rope_scaling_factor": 8.0, "rope_scaling_low_freq_factor": 1.0,
-    "rope_scaling_high_freq_factor": 4.0, "rope_scaling_original_max_position_embeddings": 8192,
-    "rotary_base": 10000, "rotary_percent": 1.0, "num_query_groups": None, "kv_channels": None,
+    "mamba_num_groups": 8, "mamba_num_heads": None, "rotary_base": 10000, "rotary_percent": 1.0,
+    "num_query_groups": None, "kv_channels": None,
     "ffn_hidden_size": None, "num_attention_heads": 0, "hybrid_attention_ratio": 0.0, "hybrid_mlp_ratio": 0.0,
     "hybrid_override_pattern": None, "hybrid_layer_pattern": None, "num_layers": None,
     "make_vocab_size_divisible_by": 128, "untie_embeddings_and_output_weights": False,
     "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "sequence_parallel": False,
+    **NEWER_ARG_DEFAULTS,  # also filled in by load_state; repeated so args given directly are completed too
 }
 
 
