@@ -66,7 +66,7 @@ class Mamba1Mixer(nn.Module):
                 return self.out_proj(self._step(x[..., 0], z[..., 0], A, conv_state, ssm_state).unsqueeze(1),
                                      inference_params)
 
-        x = causal_conv(self.conv1d, x, conv_state, continuing)
+        x = causal_conv(self.conv1d, x.transpose(1, 2), [self.d_inner], conv_state, continuing)[0].transpose(1, 2)
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)
         y = ssm_ops(hidden).selective_scan(

@@ -10,8 +10,8 @@ from torch import nn
 from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
 from megatron.core.ssm.ops import ssm_ops
-from megatron.core.ssm.ops.causal_conv1d import conv_state_from_inputs
-from megatron.core.ssm.ops.cpu_kernels import mamba2_decode_step_kernel
+from megatron.core.ssm.ops.causal_conv1d import causal_conv1d_silu_split, conv_state_from_inputs
+from megatron.core.ssm.ops.cpu_kernels import cpu_op
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron.core.transformer.norm import scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -33,18 +33,22 @@ def init_dt_bias(dt_bias: torch.Tensor, config: TransformerConfig) -> None:
 
 
 def causal_conv(
-    conv1d: nn.Conv1d, inputs: torch.Tensor, conv_state: torch.Tensor | None, continuing: bool
-) -> torch.Tensor:
-    """SiLU(causal depthwise conv) of inputs ``(b, channels, l)``; with a decode ``conv_state`` ``(b, channels, K)``
-    the conv starts from it when ``continuing`` and the state is updated to the last K inputs."""
-    ops = ssm_ops(inputs)
+    conv1d: nn.Conv1d, xbc: torch.Tensor, widths: list[int], conv_state: torch.Tensor | None, continuing: bool
+) -> tuple[torch.Tensor, ...]:
+    """SiLU(causal depthwise conv) of channel-last inputs ``(b, l, channels)``, split into pieces of ``widths``
+    (x, B, C). With a decode ``conv_state`` ``(b, channels, K)`` the conv starts from it when ``continuing`` and the
+    state is updated to the last K inputs."""
     weight = conv1d.weight.squeeze(1)
     width = weight.shape[-1]
     initial = conv_state[..., 1:] if conv_state is not None and continuing else None
-    out = ops.conv(inputs, weight, conv1d.bias, initial_states=initial, activation="silu")
+    if xbc.device.type == "cpu":
+        pieces = causal_conv1d_silu_split(xbc, weight, conv1d.bias, widths, initial)
+    else:
+        out = ssm_ops(xbc).conv(xbc.transpose(1, 2), weight, conv1d.bias, initial_states=initial, activation="silu")
+        pieces = out.transpose(1, 2).split(widths, dim=-1)
     if conv_state is not None:
-        conv_state.copy_(conv_state_from_inputs(inputs, width, conv_state if continuing else None))
-    return out
+        conv_state.copy_(conv_state_from_inputs(xbc.transpose(1, 2), width, conv_state if continuing else None))
+    return pieces
 
 
 class MambaMixer(nn.Module):
@@ -107,8 +111,7 @@ class MambaMixer(nn.Module):
                 return self.out_proj(self._step(zxbcdt, conv_state, ssm_state), inference_params)
 
         z, xbc, dt = self._split_projection(zxbcdt)
-        xbc = causal_conv(self.conv1d, xbc.transpose(1, 2), conv_state, continuing).transpose(1, 2)
-        x, B, C = self._split_conv_output(xbc)
+        x, B, C = causal_conv(self.conv1d, xbc, self.xbc_widths, conv_state, continuing)
         A = -torch.exp(self.A_log.float())
         ops = ssm_ops(hidden)
         y = ops.chunk_scan(
@@ -126,7 +129,7 @@ class MambaMixer(nn.Module):
         updated in place. Uses the fused CPU step when it is available (inference only)."""
         b = zxbcdt.shape[0]
         fused = not torch.is_grad_enabled() and self.kv_groups is None  # the fused step knows the plain layout
-        kernel = mamba2_decode_step_kernel(zxbcdt) if fused else None
+        kernel = cpu_op("mamba2_decode_step", zxbcdt) if fused else None
         if kernel is not None:
             return kernel(zxbcdt[:, 0], conv_state, ssm_state, self.conv1d.weight.squeeze(1), self.conv1d.bias,
                           self.A_log, self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps).unsqueeze(1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron.core.inference_params import InferenceParams
-from megatron.core.ssm.ops.cpu_kernels import mamba2_decode_step_kernel
+from megatron.core.ssm.ops.cpu_kernels import cpu_op
 
 from ..models.helpers import randomize_, tiny_model
 
@@ -27,15 +27,16 @@ def run_decode(model, tokens, steps):
 
 
 def test_fused_step_matches_reference(monkeypatch):
-    assert mamba2_decode_step_kernel(torch.zeros(1)) is not None, "the fused step should build on this machine"
+    assert cpu_op("mamba2_decode_step", torch.zeros(1)) is not None, "the fused step should build on this machine"
     model = randomize_(tiny_model("M-M*M", mamba_num_groups=2, mamba_head_dim=8, mamba_state_dim=12)).eval()
     tokens = torch.randint(0, 61, (3, 11))
     fused = run_decode(model, tokens, 6)
-    monkeypatch.setattr("megatron.core.ssm.mamba_mixer.mamba2_decode_step_kernel", lambda like: None)
+    monkeypatch.setattr("megatron.core.ssm.mamba_mixer.cpu_op", lambda *args, **kwargs: None)
     reference = run_decode(model, tokens, 6)
     torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_not_used_for_other_dtypes_or_devices():
-    assert mamba2_decode_step_kernel(torch.zeros(1, dtype=torch.float64)) is None
-    assert mamba2_decode_step_kernel(torch.zeros(1, device="meta")) is None
+    assert cpu_op("mamba2_decode_step", torch.zeros(1, dtype=torch.float64)) is None
+    assert cpu_op("mamba2_decode_step", torch.zeros(1, device="meta")) is None
+    assert cpu_op("mamba2_decode_step", torch.zeros(1), torch.zeros(1, dtype=torch.float64)) is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron.core.ssm.ops.cpu_kernels import cpu_op
+
 
 def _activate(out: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation in ("silu", "swish"):
@@ -59,3 +61,50 @@ def conv_state_from_inputs(x: torch.Tensor, width: int, previous: torch.Tensor |
     if previous is None:
         previous = x.new_zeros(x.shape[0], x.shape[1], width)
     return torch.cat([previous.to(x.dtype), x], dim=-1)[..., -width:]
+
+
+class _CausalConvSiLUKernel(torch.autograd.Function):
+    """The fused CPU kernel (``csrc/causal_conv1d_silu.cpp``) with its backward, started from zeros."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None, widths: list[int]) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(x, weight, bias)
+        ctx.widths = widths
+        return tuple(torch.ops.megatron.causal_conv1d_silu(x, weight, bias, None, widths))
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None) -> tuple:
+        x, weight, bias = ctx.saved_tensors
+        b, length = x.shape[:2]
+        grads = [x.new_zeros(b, length, w) if g is None else g.contiguous() for g, w in zip(grads, ctx.widths,
+                                                                                          strict=True)]
+        grad_x, grad_weight, grad_bias = torch.ops.megatron.causal_conv1d_silu_backward(grads, x, weight, bias,
+                                                                                        ctx.widths)
+        return grad_x, grad_weight, grad_bias if bias is not None else None, None
+
+
+def causal_conv1d_silu_split(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    widths: list[int],
+    initial_states: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``SiLU(causal_conv1d_fn(x))`` for channel-last ``x`` ``(b, l, d)``, split along channels into contiguous
+    ``(b, l, width)`` pieces (``widths`` sum to d: the x, B and C of a Mamba2 layer).
+
+    On CPU (float32/float64) a fused C++ kernel reads ``x`` where it lies (a column slice of the in_proj output),
+    applies the SiLU on the fly and writes each piece once; its backward recomputes the pre-activation instead of
+    storing it. Elsewhere, or without the kernel, it is the reference :func:`causal_conv1d_fn`. weight ``(d, K)``,
+    bias ``(d,)``, initial_states ``(b, d, K - 1)`` as there.
+    """
+    operands = [x, weight] + ([bias] if bias is not None else [])
+    kernel = cpu_op("causal_conv1d_silu", *operands, dtypes=(torch.float32, torch.float64))
+    if kernel is not None and x.stride(-1) == 1 and weight.is_contiguous():
+        if initial_states is None:
+            return _CausalConvSiLUKernel.apply(x, weight, bias, list(widths))
+        if not torch.is_grad_enabled():  # decoding continues from a state: forward only
+            return tuple(kernel(x, weight, bias, initial_states.to(x.dtype).contiguous(), list(widths)))
+    out = causal_conv1d_fn(x.transpose(1, 2), weight, bias, initial_states, "silu").transpose(1, 2)
+    return out.split(widths, dim=-1)

@@ -1,7 +1,9 @@
-"""Optional C++ fast paths for CPU decoding, compiled on first use and cached by PyTorch's extension builder.
+"""Optional C++ fast paths for CPU, compiled on first use and cached by PyTorch's extension builder.
 
-They compute the same function as the composed PyTorch reference ops. If no compiler (or ninja) is available, the
-build fails once, is logged, and the reference path is used. ``MEGATRON_CPU_KERNELS=0`` disables them.
+Every ``csrc/*.cpp`` file registers its operators under ``torch.ops.megatron``; all of them build into one library,
+compiled for the vector instructions PyTorch detects on this CPU. They compute the same functions as the composed
+PyTorch reference ops. If no compiler (or ninja) is available, the build fails once, is logged, and the reference
+paths are used. ``MEGATRON_CPU_KERNELS=0`` disables them.
 """
 
 from __future__ import annotations
@@ -9,33 +11,42 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
 logger = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("csrc") / "mamba2_decode_step.cpp"
+_SOURCES = sorted(str(path) for path in (Path(__file__).with_name("csrc")).glob("*.cpp"))
+# Flags for the instruction sets torch itself dispatches to; the library name carries the level, so a cache shared
+# between different machines never hands one a binary built for instructions it lacks. -fno-trapping-math lets GCC
+# vectorise loops with float selects (clamps); nothing here reads floating-point exception flags.
+_ARCH_FLAGS = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512vl", "-mavx512bw"]}
 
 
 @functools.cache
-def _build() -> Any | None:
+def _build() -> bool:
     if os.environ.get("MEGATRON_CPU_KERNELS", "1") == "0":
-        return None
+        return False
+    capability = torch.backends.cpu.get_cpu_capability()
     try:
         from torch.utils.cpp_extension import load
 
-        logger.info("building the fused CPU Mamba2 decode step (once; cached by torch.utils.cpp_extension)")
-        return load(name="megatron_mamba2_decode_step", sources=[str(_SOURCE)], extra_cflags=["-O3"],
-                    verbose=False)
+        logger.info("building the fused CPU kernels for %s (once; cached by torch.utils.cpp_extension)", capability)
+        load(name=f"megatron_cpu_kernels_{capability.lower()}", sources=_SOURCES, is_python_module=False,
+             extra_cflags=["-O3", "-fno-trapping-math", *_ARCH_FLAGS.get(capability, [])], verbose=False)
+        return True
     except Exception as error:  # no compiler, no ninja, or a failed build: fall back to the reference
-        logger.warning("fused CPU decode step unavailable, using the PyTorch reference: %s", error)
-        return None
+        logger.warning("fused CPU kernels unavailable, using the PyTorch reference ops: %s", error)
+        return False
 
 
-def mamba2_decode_step_kernel(like: torch.Tensor) -> Any | None:
-    """The fused step for CPU float32 tensors like ``like`` (building it on first use), else None."""
-    if like.device.type != "cpu" or like.dtype != torch.float32:
+def cpu_op(name: str, *tensors: torch.Tensor,
+           dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Callable[..., torch.Tensor] | None:
+    """``torch.ops.megatron.<name>`` if every tensor is a CPU tensor of one of ``dtypes`` (all the same dtype) and
+    the kernels built (building them on first use), else None."""
+    if any(t.device.type != "cpu" for t in tensors) or len({t.dtype for t in tensors}) != 1:
         return None
-    module = _build()
-    return module.mamba2_decode_step if module is not None else None
+    if tensors[0].dtype not in dtypes or not _build():
+        return None
+    return getattr(torch.ops.megatron, name)

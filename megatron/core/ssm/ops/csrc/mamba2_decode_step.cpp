@@ -2,8 +2,9 @@
 // D skip, SiLU gate and grouped RMSNorm. It computes the same function as the composed PyTorch ops in
 // megatron/core/ssm/mamba_mixer.py (MambaMixer._step); one call replaces about thirty small tensor ops, whose
 // dispatch cost dominates single-token decoding on CPU. float32, contiguous tensors; states are updated in place.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
@@ -18,9 +19,9 @@ inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v));
 // zxbcdt: (b, d_inner + conv_channels + nheads), the in_proj output rows [z | x B C | dt];
 // conv_state: (b, conv_channels, K); ssm_state: (b, nheads, headdim, d_state); conv_weight: (conv_channels, K);
 // conv_bias: (conv_channels); A_log, D, dt_bias: (nheads); norm_weight: (d_inner). Returns y: (b, d_inner).
-torch::Tensor mamba2_decode_step(torch::Tensor zxbcdt, torch::Tensor conv_state, torch::Tensor ssm_state,
-                                 torch::Tensor conv_weight, torch::Tensor conv_bias, torch::Tensor A_log,
-                                 torch::Tensor D, torch::Tensor dt_bias, torch::Tensor norm_weight, int64_t ngroups,
+at::Tensor mamba2_decode_step(at::Tensor zxbcdt, at::Tensor conv_state, at::Tensor ssm_state,
+                                 at::Tensor conv_weight, at::Tensor conv_bias, at::Tensor A_log,
+                                 at::Tensor D, at::Tensor dt_bias, at::Tensor norm_weight, int64_t ngroups,
                                  double eps) {
   TORCH_CHECK(zxbcdt.is_contiguous() && conv_state.is_contiguous() && ssm_state.is_contiguous(),
               "mamba2_decode_step needs contiguous inputs and states");
@@ -28,8 +29,8 @@ torch::Tensor mamba2_decode_step(torch::Tensor zxbcdt, torch::Tensor conv_state,
   const int64_t nheads = ssm_state.size(1), headdim = ssm_state.size(2), dstate = ssm_state.size(3);
   const int64_t d_inner = nheads * headdim, heads_per_group = nheads / ngroups;
   const int64_t group_size = d_inner / ngroups, row = zxbcdt.size(1);
-  auto activated = torch::empty({batch, channels}, zxbcdt.options());
-  auto y = torch::empty({batch, d_inner}, zxbcdt.options());
+  auto activated = at::empty({batch, channels}, zxbcdt.options());
+  auto y = at::empty({batch, d_inner}, zxbcdt.options());
 
   const float* rows = zxbcdt.data_ptr<float>();
   float* cs = conv_state.data_ptr<float>();
@@ -108,6 +109,8 @@ torch::Tensor mamba2_decode_step(torch::Tensor zxbcdt, torch::Tensor conv_state,
   return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("mamba2_decode_step", &mamba2_decode_step, "Fused Mamba2 single-token decoding step (CPU, float32)");
+TORCH_LIBRARY_FRAGMENT(megatron, m) {
+  m.def("mamba2_decode_step(Tensor zxbcdt, Tensor(a!) conv_state, Tensor(b!) ssm_state, Tensor conv_weight, "
+        "Tensor conv_bias, Tensor A_log, Tensor D, Tensor dt_bias, Tensor norm_weight, int ngroups, float eps) -> Tensor",
+        &mamba2_decode_step);
 }
