@@ -1,4 +1,3 @@
 from megatron.core.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.linear_cross_entropy import vocab_parallel_linear_cross_entropy
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy"]

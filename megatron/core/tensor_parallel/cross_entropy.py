@@ -20,27 +20,14 @@ def _global_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax of logits ``(..., vocab / tp)`` over the whole vocabulary split across tensor-parallel ranks."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return torch.log_softmax(logits, dim=-1)  # one fused pass: at this size every extra pass is memory-bound
-    return logits - global_logsumexp(torch.logsumexp(logits, dim=-1)).unsqueeze(-1)
-
-
-def global_logsumexp(local: torch.Tensor) -> torch.Tensor:
-    """The log-normaliser over the whole vocabulary from each tensor-parallel rank's ``logsumexp`` of its slice."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return local
     group = parallel_state.get_tensor_model_parallel_group()
+    local = torch.logsumexp(logits, dim=-1)
     normalisers = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(normalisers, local.contiguous(), group=group)
-    return torch.logsumexp(torch.stack(normalisers), dim=0)
+    return logits - torch.logsumexp(torch.stack(normalisers), dim=0).unsqueeze(-1)
 
 
-def sum_over_tensor_parallel_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed in place over the tensor-parallel group (each target logit lives on one rank only)."""
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(tensor, group=parallel_state.get_tensor_model_parallel_group())
-    return tensor
-
-
-def local_targets(target: torch.Tensor, vocab_shard: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_targets(target: torch.Tensor, vocab_shard: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets as indices into this rank's vocabulary slice, and a mask of those that fall outside it."""
     start = parallel_state.get_tensor_model_parallel_rank() * vocab_shard
     local = target - start
@@ -48,22 +35,15 @@ def local_targets(target: torch.Tensor, vocab_shard: int) -> tuple[torch.Tensor,
     return local.masked_fill(outside, 0), outside
 
 
-def softmax_minus_onehot_(probs: torch.Tensor, local: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-    """The gradient of the cross-entropy with respect to the logits, ``softmax - onehot(target)``, made in place in
-    ``probs`` ``(..., vocab / tp)`` (the softmax over this rank's slice); ``local``/``outside`` from
-    :func:`local_targets`."""
-    minus_one = (outside.to(probs.dtype) - 1.0).unsqueeze(-1)  # -1 where the target is on this rank
-    return probs.scatter_add_(-1, local.unsqueeze(-1), minus_one)
-
-
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         compute = torch.promote_types(logits.dtype, torch.float32)
         log_probs = _global_log_softmax(logits.to(compute))
-        local, outside = local_targets(target, logits.shape[-1])
+        local, outside = _local_targets(target, logits.shape[-1])
         target_log_prob = log_probs.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
-        sum_over_tensor_parallel_ranks(target_log_prob)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(target_log_prob, group=parallel_state.get_tensor_model_parallel_group())
         ctx.save_for_backward(log_probs, local, outside)
         ctx.logits_dtype = logits.dtype
         return -target_log_prob
@@ -71,8 +51,11 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         log_probs, local, outside = ctx.saved_tensors
-        grad_input = softmax_minus_onehot_(log_probs.exp_(), local, outside)  # in place: the buffer is not needed
-        return grad_input.mul_(grad.unsqueeze(-1)).to(ctx.logits_dtype), None
+        grad_input = log_probs.exp_()  # the softmax, in place: the saved buffer is not needed after this
+        minus_one = (outside.to(grad_input.dtype) - 1.0).unsqueeze(-1)  # -1 where the target is on this rank
+        grad_input.scatter_add_(-1, local.unsqueeze(-1), minus_one)
+        grad_input.mul_(grad.unsqueeze(-1))
+        return grad_input.to(ctx.logits_dtype), None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

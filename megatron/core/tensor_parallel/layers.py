@@ -13,7 +13,6 @@ from torch import nn
 
 from megatron.core import parallel_state
 from megatron.core.inference_params import InferenceParams
-from megatron.core.tensor_parallel.linear_cross_entropy import vocab_parallel_linear_cross_entropy
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -81,21 +80,11 @@ class ColumnParallelLinear(nn.Module):
                 weight: torch.Tensor | None = None) -> torch.Tensor:
         """``(b, s, in)`` (``(b, s / tp, in)`` with sequence parallelism) -> ``(b, s, out / tp)`` (or ``out`` when
         gathered). ``weight`` replaces the layer's own (the tied output layer uses the embedding's shard)."""
-        x = self._layer_input(x)
-        out = decode_linear(x, self.weight if weight is None else weight, self.bias, inference_params)
-        return gather_from_tensor_model_parallel_region(out) if self.gather_output else out
-
-    def _layer_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused pre-norm, then the whole sequence on every rank (identity forward, gradient summed)."""
         if self.layer_norm_weight is not None:
             x = normalize(x, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps)
-        return enter_tensor_parallel_region(x, self.sequence_parallel)
-
-    def cross_entropy(self, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token cross-entropy ``(b, s)`` of this layer's output logits against ``target`` ``(b, s)``, without
-        materialising the logits (:func:`vocab_parallel_linear_cross_entropy`); x and weight as in :meth:`forward`."""
-        weight = self.weight if weight is None else weight
-        return vocab_parallel_linear_cross_entropy(self._layer_input(x), weight, target, self.bias)
+        x = enter_tensor_parallel_region(x, self.sequence_parallel)
+        out = decode_linear(x, self.weight if weight is None else weight, self.bias, inference_params)
+        return gather_from_tensor_model_parallel_region(out) if self.gather_output else out
 
 
 class RowParallelLinear(nn.Module):

@@ -19,6 +19,7 @@ from megatron.core.models.hybrid.hybrid_layer_allocation import (
     strip_stage_boundaries,
 )
 from megatron.core.models.hybrid.state_dict_compat import upgrade_state_dict
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.random import build_sharded
@@ -173,12 +174,12 @@ class HybridModel(nn.Module):
         if not self.post_process:
             return hidden
 
-        if labels is not None:  # the loss straight from the hidden states: the logits are never held whole
-            return self.output_layer.cross_entropy(hidden, labels, weight=self.output_weight())
-        if inference_params is not None and inference_params.last_logits_only:
+        if inference_params is not None and inference_params.last_logits_only and labels is None:
             hidden = hidden[:, -1:]  # (b, 1, hidden): the only position whose logits the caller uses
         logits = self.output_layer(hidden, inference_params, weight=self.output_weight())  # (b, s, vocab / tp)
-        return gather_from_tensor_model_parallel_region(logits)
+        if labels is None:
+            return gather_from_tensor_model_parallel_region(logits)
+        return vocab_parallel_cross_entropy(logits, labels)
 
 
 def _upgrade_keys_hook(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
