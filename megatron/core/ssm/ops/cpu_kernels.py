@@ -33,8 +33,11 @@ def _build() -> bool:
         from torch.utils.cpp_extension import load
 
         logger.info("building the fused CPU kernels for %s (once; cached by torch.utils.cpp_extension)", capability)
+        # -fopenmp: at::parallel_for is an inline OpenMP region in torch's headers; compiled without it, every
+        # kernel would run on one thread. It links the libgomp torch has already loaded (same soname).
         load(name=f"megatron_cpu_kernels_{capability.lower()}", sources=_SOURCES, is_python_module=False,
-             extra_cflags=["-O3", "-fno-trapping-math", *_ARCH_FLAGS.get(capability, [])], verbose=False)
+             extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp", *_ARCH_FLAGS.get(capability, [])],
+             extra_ldflags=["-fopenmp"], verbose=False)
         return True
     except Exception as error:  # no compiler, no ninja, or a failed build: fall back to the reference
         logger.warning("fused CPU kernels unavailable, using the PyTorch reference ops: %s", error)
