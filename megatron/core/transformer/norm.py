@@ -7,16 +7,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.inference_params import InferenceParams
+from megatron.core.ssm.ops.cpu_kernels import cpu_op
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   inference_params: InferenceParams | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; for a CPU single-token decoding step it multiplies by the transposed weight that
-    ``inference_params`` keeps, which runs up to 3x faster there (a matrix-vector product streaming the weight)."""
+    """``F.linear(x, weight, bias)``: ``(..., in) -> (..., out)`` with ``weight`` ``(out, in)`` and ``bias`` ``(out,)``.
+
+    A CPU single-token decoding step (``inference_params`` given, ``x`` ``(b, 1, in)``, no autograd) multiplies a few
+    rows by large weights, where PyTorch's GEMM is several times slower than streaming the weight. There it runs the
+    ``small_batch_linear`` C++ kernel, which reads the weight once in its own row-major layout (one dot product per
+    weight row and input row), with no transposed copy; ``F.linear`` when the kernel is unavailable.
+    """
     if inference_params is not None and x.shape[-2] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
-        out = x @ inference_params.transposed(weight)
-        return out + bias if bias is not None else out
+        tensors = (x, weight) if bias is None else (x, weight, bias)
+        op = cpu_op("small_batch_linear", *tensors, dtypes=(torch.float32, torch.float64))
+        if op is not None and weight.is_contiguous() and (bias is None or bias.is_contiguous()):
+            out = op(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
