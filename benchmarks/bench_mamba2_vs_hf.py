@@ -43,6 +43,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--decode-batch", type=int, default=1)
+    parser.add_argument("--decode-repeats", type=int, default=3, help="timed generations per model after a warm-up")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
@@ -111,16 +112,16 @@ def main() -> None:
         hf.eval()
         ours.eval()
         prompt = torch.randint(0, args.vocab, (args.decode_batch, args.prompt))
-        with torch.inference_mode():  # warm-up: allocators, and the first build of our fused CPU decode step
-            hf.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
-            greedy_generate(ours, prompt, 4)
-            start = time.perf_counter()
-            hf_out = hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 do_sample=False, pad_token_id=0)[:, args.prompt:]
-            hf_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        greedy_generate(ours, prompt, args.new_tokens)
-        our_seconds = time.perf_counter() - start
+        outputs: dict[str, torch.Tensor] = {}
+
+        def hf_decode() -> None:
+            outputs["hf"] = hf.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                        do_sample=False, pad_token_id=0)[:, args.prompt:]
+
+        with torch.inference_mode():  # the first call of each also builds our fused CPU kernels (once)
+            steps = {"hf": hf_decode, "ours": lambda: greedy_generate(ours, prompt, args.new_tokens)}
+            seconds = time_interleaved(steps, args.decode_repeats)
+        hf_seconds, our_seconds, hf_out = seconds["hf"], seconds["ours"], outputs["hf"]
         new_tokens = args.decode_batch * args.new_tokens
         results["decode_tokens_per_s_hf"] = new_tokens / hf_seconds
         results["decode_tokens_per_s_ours"] = new_tokens / our_seconds

@@ -64,6 +64,7 @@ class MambaMixer(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         tp = config.tensor_model_parallel_size
+        self.single_rank = tp == 1
         self.headdim = config.mamba_head_dim
         self.nheads = divide(config.mamba_nheads, tp, "Mamba head count")
         self.ngroups = divide(config.mamba_num_groups, tp, "mamba_num_groups")
@@ -123,6 +124,25 @@ class MambaMixer(nn.Module):
             y, final = y
             ssm_state.copy_(final)
         return self.out_proj(self.norm(y.reshape(b, length, self.d_inner), z))
+
+    def decode_with_residual(self, hidden: torch.Tensor,
+                             inference_params: InferenceParams | None) -> torch.Tensor | None:
+        """``hidden + self(hidden)`` for one decoding token ``(b, 1, hidden)`` in a single fused C++ call, or None
+        where that path does not apply (not a continuing single-token step, autograd on, not CPU float32, tensor
+        parallelism, LayerNorm or shared x/B). Same states updated, same function as the module path."""
+        if (inference_params is None or inference_params.sequence_len_offset == 0 or hidden.shape[1] != 1
+                or torch.is_grad_enabled() or not self.single_rank or self.kv_groups is not None
+                or self.in_proj.normalization != "RMSNorm" or not hidden.is_contiguous()):
+            return None
+        kernel = cpu_op("mamba2_decode_layer", hidden, self.in_proj.weight)
+        states = inference_params.key_value_memory_dict.get(self.layer_number)
+        if kernel is None or states is None:
+            return None
+        b = hidden.shape[0]
+        out = kernel(hidden[:, 0], self.in_proj.layer_norm_weight, self.in_proj.eps, self.in_proj.weight,
+                     states[0][:b], states[1][:b], self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A_log,
+                     self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps, self.out_proj.weight)
+        return out.unsqueeze(1)
 
     def _step(self, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One decode step up to the gated norm: the in_proj output ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states

@@ -32,8 +32,15 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def normalize(
     x: torch.Tensor, normalization: str, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
-    """RMSNorm or LayerNorm of ``x`` over its last dimension, scaled by ``weight`` (and shifted by ``bias``)."""
+    """RMSNorm or LayerNorm of ``x`` over its last dimension, scaled by ``weight`` (and shifted by ``bias``).
+
+    Without autograd on CPU, RMSNorm runs the one-pass ``rms_norm`` C++ kernel: ``F.rms_norm`` dispatches half a dozen
+    ops, which costs ~30-70 us per call on a single decoding token (13 calls per token for a 12-layer model)."""
     if normalization == "RMSNorm":
+        if not torch.is_grad_enabled() and x.is_contiguous():
+            op = cpu_op("rms_norm", x, weight, dtypes=(torch.float32, torch.float64))
+            if op is not None and weight.is_contiguous():
+                return op(x, weight, eps)
         return F.rms_norm(x, weight.shape, weight, eps)
     return F.layer_norm(x, weight.shape, weight, bias, eps)
 

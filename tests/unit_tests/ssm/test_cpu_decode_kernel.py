@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from megatron.core.inference_params import InferenceParams
+from megatron.core.ssm.mamba_mixer import MambaMixer
 from megatron.core.ssm.ops.cpu_kernels import cpu_op
 
 from ..models.helpers import randomize_, tiny_model
@@ -40,3 +41,23 @@ def test_not_used_for_other_dtypes_or_devices():
     assert cpu_op("mamba2_decode_step", torch.zeros(1, dtype=torch.float64)) is None
     assert cpu_op("mamba2_decode_step", torch.zeros(1, device="meta")) is None
     assert cpu_op("mamba2_decode_step", torch.zeros(1), torch.zeros(1, dtype=torch.float64)) is None
+
+
+def test_fused_layer_matches_module_path(monkeypatch):
+    """The one-call layer (norm, in_proj, step, out_proj, residual) against the module path with the fused step."""
+    model = randomize_(tiny_model("M-M*M", mamba_num_groups=2, mamba_head_dim=8, mamba_state_dim=12)).eval()
+    tokens = torch.randint(0, 61, (3, 11))
+    fused_calls = []
+    original = MambaMixer.decode_with_residual
+
+    def counted(self, *args):
+        out = original(self, *args)
+        fused_calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(MambaMixer, "decode_with_residual", counted)
+    fused = run_decode(model, tokens, 6)
+    assert fused_calls == [False] * 3 + [True] * 6 * 3, "the prefill runs the module path, every step the fused one"
+    monkeypatch.setattr(MambaMixer, "decode_with_residual", lambda self, *args: None)
+    module_path = run_decode(model, tokens, 6)
+    torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)

@@ -32,8 +32,9 @@ class ResidualLayer(nn.Module):
 
     def residual(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``hidden + dropout(out)``, both ``(b, s, hidden)``."""
-        drops = self.training and self.dropout.p > 0
-        with get_rng_tracker().fork(enabled=self.sequence_parallel and drops):
+        if not (self.training and self.dropout.p > 0):
+            return hidden + out  # no dropout: skip the RNG fork and module call (per-layer cost in decoding)
+        with get_rng_tracker().fork(enabled=self.sequence_parallel):
             return hidden + self.dropout(out)
 
 
@@ -48,6 +49,10 @@ class MambaLayer(ResidualLayer):
     def forward(self, hidden: torch.Tensor, rotary: Rotary = None,
                 inference_params: InferenceParams | None = None) -> torch.Tensor:
         """``(b, s, hidden) -> (b, s, hidden)``."""
+        if isinstance(self.mixer, MambaMixer) and not self.training:
+            fused = self.mixer.decode_with_residual(hidden, inference_params)  # one C++ call per decoding token
+            if fused is not None:
+                return fused
         return self.residual(hidden, self.mixer(hidden, inference_params))
 
 

@@ -48,8 +48,10 @@ def cpu_op(name: str, *tensors: torch.Tensor,
            dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> Callable[..., torch.Tensor] | None:
     """``torch.ops.megatron.<name>`` if every tensor is a CPU tensor of one of ``dtypes`` (all the same dtype) and
     the kernels built (building them on first use), else None."""
-    if any(t.device.type != "cpu" for t in tensors) or len({t.dtype for t in tensors}) != 1:
-        return None
-    if tensors[0].dtype not in dtypes or not _build():
+    dtype = tensors[0].dtype
+    for tensor in tensors:  # a plain loop: this runs several times per layer in every decoding step
+        if not tensor.is_cpu or tensor.dtype != dtype:
+            return None
+    if dtype not in dtypes or not _build():
         return None
     return getattr(torch.ops.megatron, name)
