@@ -7,11 +7,11 @@ import math
 import torch
 from torch import nn
 
+from megatron.core.cpu_kernels import cpu_op
 from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
 from megatron.core.ssm.ops import ssm_ops
 from megatron.core.ssm.ops.causal_conv1d import causal_conv1d_silu_split, conv_state_from_inputs
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron.core.transformer.norm import scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig

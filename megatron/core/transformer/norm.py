@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.core.cpu_kernels import cpu_op
 from megatron.core.inference_params import InferenceParams
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron.core.cpu_kernels import cpu_op
 from megatron.core.ssm.ops.causal_conv1d import causal_conv1d_silu_split
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
 
 pytestmark = pytest.mark.skipif(os.environ.get("MEGATRON_CPU_KERNELS") == "0", reason="CPU kernels disabled")
 

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
+from megatron.core.cpu_kernels import cpu_op
 from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.mamba_mixer import MambaMixer
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
 
 from ..models.helpers import randomize_, tiny_model
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
+from megatron.core.cpu_kernels import cpu_op
 from megatron.core.transformer.norm import normalize
 
 pytestmark = pytest.mark.skipif(os.environ.get("MEGATRON_CPU_KERNELS") == "0", reason="CPU kernels disabled")

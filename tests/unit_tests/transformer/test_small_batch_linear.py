@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron.core.cpu_kernels import cpu_op
 from megatron.core.inference_params import InferenceParams
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
 from megatron.core.transformer import norm
 from megatron.core.transformer.norm import decode_linear
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron.core.ssm.ops.cpu_kernels import cpu_op
+from megatron.core.cpu_kernels import cpu_op
 
 
 def _activate(out: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -64,7 +64,8 @@ def conv_state_from_inputs(x: torch.Tensor, width: int, previous: torch.Tensor |
 
 
 class _CausalConvSiLUKernel(torch.autograd.Function):
-    """The fused CPU kernel (``csrc/causal_conv1d_silu.cpp``) with its backward, started from zeros."""
+    """The fused CPU kernel (``megatron/core/cpu_kernels/csrc/causal_conv1d_silu.cpp``) with its backward, started
+    from zeros."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,

@@ -1,4 +1,4 @@
-// The CPU kernels that other kernels call directly (all built into one library; see cpu_kernels.py).
+// The CPU kernels that other kernels call directly (all built into one library; see megatron/core/cpu_kernels/__init__.py).
 #pragma once
 
 #include <ATen/ATen.h>
