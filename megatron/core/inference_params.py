@@ -17,7 +17,8 @@ class InferenceParams:
     ``(max_batch, nheads, headdim, d_state)`` (Mamba1: ``(max_batch, d_inner, d_state)``).
     """
 
-    def __init__(self, max_batch_size: int, max_sequence_length: int, last_logits_only: bool = False) -> None:
+    def __init__(self, max_batch_size: int, max_sequence_length: int, last_logits_only: bool = False,
+                 argmax_only: bool = False) -> None:
         if max_batch_size <= 0 or max_sequence_length <= 0:
             raise ValueError(
                 f"InferenceParams needs positive sizes, got batch {max_batch_size}, length {max_sequence_length}"
@@ -27,6 +28,13 @@ class InferenceParams:
         self.sequence_len_offset = 0
         # Callers that only sample the next token skip the (tokens x vocab) logits of every earlier position.
         self.last_logits_only = last_logits_only
+        # Greedy callers only need each position's argmax: the model then returns token ids (b, s) instead of
+        # logits, which lets it skip most of the output layer's weight (see megatron.core.inference.greedy_argmax).
+        self.argmax_only = argmax_only
+        # With argmax_only: only ids below this count (the real vocabulary of a padded output layer; None: all).
+        self.argmax_vocab_size: int | None = None
+        # Copies of weights in other forms that kernels read instead (int8 codes), valid for one generation.
+        self.derived_weights: dict[int, tuple] = {}
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, ...]] = {}
         self.recurrent_layers: set[int] = set()
 
@@ -69,5 +77,6 @@ class InferenceParams:
         self.sequence_len_offset += num_tokens
 
     def reset(self) -> None:
-        """Start a new generation: offset 0 (states are overwritten, caches reused)."""
+        """Start a new generation: offset 0 (states are overwritten, caches reused; weights may have changed)."""
         self.sequence_len_offset = 0
+        self.derived_weights.clear()

@@ -100,7 +100,8 @@ def parse_serving_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 class VocabularyMask(nn.Module):
     """A model whose logits for the padding ids (``>= vocab_size``) are ``-inf``: never sampled, zero
-    probability. Attribute reads fall through to the wrapped model."""
+    probability; in argmax-only decoding, ids the argmax never returns. Attribute reads fall through to the wrapped
+    model."""
 
     def __init__(self, model: nn.Module, vocab_size: int) -> None:
         super().__init__()
@@ -108,6 +109,10 @@ class VocabularyMask(nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        params = kwargs.get("inference_params")
+        if params is not None and params.argmax_only:  # the model returns token ids: restrict its argmax instead
+            params.argmax_vocab_size = self.vocab_size
+            return self.model(*args, **kwargs)
         logits = self.model(*args, **kwargs)
         if kwargs.get("labels") is None and logits.shape[-1] > self.vocab_size:
             logits[..., self.vocab_size:] = float("-inf")

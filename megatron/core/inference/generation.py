@@ -113,18 +113,25 @@ def generate(
     state = _Progress(lengths, laid_out.budgets, eod, stop)
     log_probs = torch.zeros(batch, total, dtype=torch.float32, device=device) if return_log_probs else None
 
-    inference_params = InferenceParams(batch, total, last_logits_only=not return_log_probs)
+    # Plain greedy decoding needs no logits, only their argmax, which the model finds without most of the output
+    # layer's weight traffic.
+    argmax_only = sampling.greedy and logits_processor is None and not return_log_probs
+    inference_params = InferenceParams(batch, total, last_logits_only=not return_log_probs, argmax_only=argmax_only)
     start = min(lengths)
-    logits = model(tokens[:, :start], inference_params=inference_params)
+    logits = model(tokens[:, :start], inference_params=inference_params)  # (b, s) token ids when argmax_only
     inference_params.advance(start)
     if log_probs is not None and start > 1:
         log_probs[:, 1:start] = _token_log_probs(logits[:, :-1], tokens[:, 1:start])
     position = start
     while position < total and not state.all_done():
-        next_logits = logits[:, -1].float()
-        if logits_processor is not None:
-            logits_processor(next_logits, tokens[:, position - 1].tolist())
-        chosen = broadcast_from_tensor_rank_0(sample(next_logits, sampling, generator))
+        if argmax_only:
+            chosen = logits[:, -1]
+        else:
+            next_logits = logits[:, -1].float()
+            if logits_processor is not None:
+                logits_processor(next_logits, tokens[:, position - 1].tolist())
+            chosen = sample(next_logits, sampling, generator)
+        chosen = broadcast_from_tensor_rank_0(chosen)
         in_prompt = torch.tensor([position < length for length in lengths], device=device)
         tokens[:, position] = torch.where(in_prompt, tokens[:, position], chosen)
         if log_probs is not None:
@@ -180,13 +187,14 @@ def greedy_generate(model: nn.Module, prompt: torch.Tensor, num_tokens: int) -> 
     """Append ``num_tokens`` argmax tokens to each prompt of ``prompt`` ``(b, p)`` (no early stop); returns
     ``(b, num_tokens)``. The fast path for equal-length prompts, used by the benchmarks."""
     batch, length = prompt.shape
-    inference_params = InferenceParams(batch, length + num_tokens, last_logits_only=True)
-    logits = model(prompt, inference_params=inference_params)
+    if num_tokens == 0:
+        return prompt.new_zeros(batch, 0)
+    inference_params = InferenceParams(batch, length + num_tokens, last_logits_only=True, argmax_only=True)
+    token = model(prompt, inference_params=inference_params)  # (b, 1): the argmax after the prompt
     inference_params.advance(length)
-    generated = []
-    for _ in range(num_tokens):
-        token = logits[:, -1].argmax(dim=-1, keepdim=True)
-        generated.append(token)
-        logits = model(token, inference_params=inference_params)
+    generated = [token]
+    for _ in range(num_tokens - 1):
+        token = model(token, inference_params=inference_params)
         inference_params.advance(1)
-    return torch.cat(generated, dim=1) if generated else prompt.new_zeros(batch, 0)
+        generated.append(token)
+    return torch.cat(generated, dim=1)

@@ -92,13 +92,24 @@ class _Round:
         batch, total = tokens.shape
         self.log_probs = torch.zeros(batch, total, device=tokens.device) if self.return_log_probs else None
         # One spare position: a round may propose past the longest budget before it is cut.
-        self.target_cache = InferenceParams(batch, total + 1)
-        self.draft_cache = InferenceParams(batch, total + 1, last_logits_only=True)  # it only proposes
+        # Plain greedy choices need no logits, only argmaxes, which the models find with less weight traffic.
+        greedy = self.sampling.greedy and self.processor is None
+        self.target_cache = InferenceParams(batch, total + 1, argmax_only=greedy and not self.return_log_probs)
+        self.draft_cache = InferenceParams(batch, total + 1, last_logits_only=True, argmax_only=greedy)
 
     def _forward(self, model: nn.Module, cache: InferenceParams, start: int, end: int) -> torch.Tensor:
-        logits = model(self.tokens[:, start:end], inference_params=cache)
+        """Feed positions ``start:end``: logits ``(b, n, vocab)`` in float32, or token ids ``(b, n)`` for an
+        argmax-only cache."""
+        out = model(self.tokens[:, start:end], inference_params=cache)
         cache.advance(end - start)
-        return logits.float()
+        return out if cache.argmax_only else out.float()
+
+    def _choose(self, out: torch.Tensor, cache: InferenceParams) -> torch.Tensor:
+        """The next token ``(b,)`` from a forward's last position: sampled from processed logits ``(b, vocab)``,
+        or ``out`` itself, the ids ``(b,)`` an argmax-only cache returns; agreed over tensor-parallel ranks."""
+        if not cache.argmax_only:
+            out = sample(out, self.sampling, self.generator)
+        return broadcast_from_tensor_rank_0(out.contiguous())
 
     def prefill(self, end: int) -> None:
         """Both models consume the prompt positions ``0:end`` (every prompt is longer than ``end``)."""
@@ -116,13 +127,13 @@ class _Round:
     def plain_step(self, pending: int, lengths: list[int]) -> int:
         """Consume the pending token and place the next one (a prompt token, or the target's choice)."""
         self._forward(self.draft, self.draft_cache, pending, pending + 1)
-        logits = self._forward(self.target, self.target_cache, pending, pending + 1)[:, -1]
+        out = self._forward(self.target, self.target_cache, pending, pending + 1)[:, -1]
         position = pending + 1
-        chosen = sample(self._processed(logits, self.tokens[:, pending]), self.sampling, self.generator)
-        chosen = broadcast_from_tensor_rank_0(chosen)
+        processed = out if self.target_cache.argmax_only else self._processed(out, self.tokens[:, pending])
+        chosen = self._choose(processed, self.target_cache)
         in_prompt = torch.tensor([position < length for length in lengths], device=chosen.device)
         self.tokens[:, position] = torch.where(in_prompt, self.tokens[:, position], chosen)
-        self._record_log_probs(logits.unsqueeze(1), position, 1)
+        self._record_log_probs(out.unsqueeze(1), position, 1)
         return 1
 
     def speculative_round(self, pending: int, k: int) -> int:
@@ -130,13 +141,15 @@ class _Round:
         draft_snapshot, target_snapshot = self.draft_cache.snapshot(), self.target_cache.snapshot()
         proposals, draft_log_probs = self._propose(pending, k)
         self.tokens[:, pending + 1 : pending + 1 + k] = proposals
-        target_logits = self._forward(self.target, self.target_cache, pending, pending + 1 + k)  # (b, k + 1, V)
+        target_out = self._forward(self.target, self.target_cache, pending, pending + 1 + k)  # (b, k + 1[, V])
         previous = self.tokens[:, pending : pending + 1 + k]
-        processed = torch.stack([self._processed(target_logits[:, j], previous[:, j]) for j in range(k + 1)], 1)
+        processed = target_out
+        if not self.target_cache.argmax_only:
+            processed = torch.stack([self._processed(target_out[:, j], previous[:, j]) for j in range(k + 1)], 1)
         accepted, last = self._verify(processed, proposals, draft_log_probs)
         self.tokens[:, pending + 1 + accepted] = last
         self.accepted, self.proposed = self.accepted + accepted, self.proposed + k
-        self._record_log_probs(target_logits[:, : accepted + 1], pending + 1, accepted + 1)
+        self._record_log_probs(target_out[:, : accepted + 1], pending + 1, accepted + 1)
         self._roll_back(pending, k, accepted, draft_snapshot, target_snapshot)
         return accepted + 1
 
@@ -144,21 +157,23 @@ class _Round:
         """The draft's ``k`` tokens ``(b, k)`` and, when sampling, its log-probs ``(b, k, vocab)``."""
         proposals, log_probs = [], []
         for j in range(k):
-            logits = self._forward(self.draft, self.draft_cache, pending + j, pending + j + 1)[:, -1]
-            logits = self._processed(logits, self.tokens[:, pending + j])
-            token = broadcast_from_tensor_rank_0(sample(logits, self.sampling, self.generator))
+            out = self._forward(self.draft, self.draft_cache, pending + j, pending + j + 1)[:, -1]
+            if not self.draft_cache.argmax_only:
+                out = self._processed(out, self.tokens[:, pending + j])
+            if not self.sampling.greedy:
+                log_probs.append(sampling_log_probs(out, self.sampling))
+            token = self._choose(out, self.draft_cache)
             self.tokens[:, pending + 1 + j] = token
             proposals.append(token)
-            if not self.sampling.greedy:
-                log_probs.append(sampling_log_probs(logits, self.sampling))
         return torch.stack(proposals, 1), (torch.stack(log_probs, 1) if log_probs else None)
 
     def _verify(self, target_logits: torch.Tensor, proposals: torch.Tensor,
                 draft_log_probs: torch.Tensor | None) -> tuple[int, torch.Tensor]:
-        """(n, the token placed after the n accepted proposals ``(b,)``)."""
+        """(n, the token placed after the n accepted proposals ``(b,)``), from the target's processed logits
+        ``(b, k + 1, vocab)`` (or its argmax ids ``(b, k + 1)`` for an argmax-only cache)."""
         k = proposals.shape[1]
         if self.sampling.greedy:
-            choices = target_logits.argmax(dim=-1)  # (b, k + 1)
+            choices = target_logits if self.target_cache.argmax_only else target_logits.argmax(dim=-1)  # (b, k + 1)
             agrees = choices[:, :k] == proposals
             accepted = int(_leading_true(agrees).min())
             return accepted, broadcast_from_tensor_rank_0(choices[:, accepted].contiguous())

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core import parallel_state
+from megatron.core.inference.greedy_argmax import greedy_argmax
 from megatron.core.inference_params import InferenceParams
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -85,6 +86,25 @@ class ColumnParallelLinear(nn.Module):
         x = enter_tensor_parallel_region(x, self.sequence_parallel)
         out = decode_linear(x, self.weight if weight is None else weight, self.bias, inference_params)
         return gather_from_tensor_model_parallel_region(out) if self.gather_output else out
+
+    def forward_argmax(self, x: torch.Tensor, inference_params: InferenceParams,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The index of the largest output feature of :meth:`forward` among all ranks' features (the first
+        ``inference_params.argmax_vocab_size`` of them when set): ``(b, s, in)`` -> ``(b, s)`` int64 (greedy
+        decoding). On one rank without bias it runs the int8-screened ``greedy_argmax`` kernel, which reads a
+        quarter of the weight's bytes; otherwise it takes the argmax of the gathered output."""
+        weight = self.weight if weight is None else weight
+        limit = inference_params.argmax_vocab_size
+        if self.bias is None and parallel_state.get_tensor_model_parallel_world_size() == 1:
+            normalized = x
+            if self.layer_norm_weight is not None:
+                normalized = normalize(x, self.normalization, self.layer_norm_weight, self.layer_norm_bias, self.eps)
+            tokens = greedy_argmax(normalized, weight, inference_params, limit)
+            if tokens is not None:
+                return tokens
+        out = self.forward(x, inference_params, weight)
+        out = out if self.gather_output else gather_from_tensor_model_parallel_region(out)
+        return out[..., :limit].argmax(dim=-1)
 
 
 class RowParallelLinear(nn.Module):

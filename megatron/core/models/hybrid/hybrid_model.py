@@ -144,7 +144,8 @@ class HybridModel(nn.Module):
         """input_ids ``(b, s)`` -> logits ``(b, s, vocab)``, or with ``labels`` ``(b, s)`` the per-token
         cross-entropy ``(b, s)`` (float32). Stages without ``post_process`` return hidden states ``(b, s, hidden)``
         (``(b, s / tp, hidden)`` with sequence parallelism); stages without ``pre_process`` take them as
-        ``decoder_input`` (or from :meth:`set_input_tensor`) and need no ``input_ids``.
+        ``decoder_input`` (or from :meth:`set_input_tensor`) and need no ``input_ids``. With
+        ``inference_params.argmax_only`` (greedy decoding) it returns each position's argmax token ``(b, s)``.
 
         ``position_ids`` default to ``offset + arange(s)``, where the offset is the number of tokens already in
         ``inference_params`` (incremental decoding). The caller advances ``inference_params`` after the call.
@@ -176,6 +177,8 @@ class HybridModel(nn.Module):
 
         if inference_params is not None and inference_params.last_logits_only and labels is None:
             hidden = hidden[:, -1:]  # (b, 1, hidden): the only position whose logits the caller uses
+        if inference_params is not None and inference_params.argmax_only and labels is None:
+            return self.output_layer.forward_argmax(hidden, inference_params, weight=self.output_weight())  # (b, s)
         logits = self.output_layer(hidden, inference_params, weight=self.output_weight())  # (b, s, vocab / tp)
         if labels is None:
             return gather_from_tensor_model_parallel_region(logits)
