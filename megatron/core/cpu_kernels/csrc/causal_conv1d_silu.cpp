@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -16,26 +18,7 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // channels per work item: a 256-byte slice of each row for float32
 
-// exp for float32 written so that GCC vectorises loops calling it (std::exp would stay scalar): range reduction to
-// r in [-ln2/2, ln2/2], a degree-7 Taylor polynomial (relative error < 1e-7 there), and 2^n built from its bits.
-inline float exp_approx(float v) {
-  v = v > 88.0f ? 88.0f : v;  // selects, which vectorise under -fno-trapping-math (std::min/max and fmaxf do not)
-  v = v < -87.0f ? -87.0f : v;
-  const float shifted = v * 1.44269504f + 12582912.0f;  // round(v / ln2) lands in the low mantissa bits
-  const float n = shifted - 12582912.0f;
-  const float r = (v - n * 0.693145752f) - n * 1.42860677e-6f;  // ln2 split in two for an exact product
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t n_bits = __builtin_bit_cast(int32_t, shifted) - 0x4B400000;  // n as an integer
-  return p * __builtin_bit_cast(float, (n_bits + 127) << 23);
-}
-inline double exp_approx(double v) { return std::exp(v); }
+using vec_math::exp_approx;
 
 template <typename T>
 inline T sigmoid(T v) { return T(1) / (T(1) + exp_approx(-v)); }
