@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+# Forwards of at most this many rows (decoding steps, speculative verifications) take the weight-streaming decode
+# kernels: up to here they beat PyTorch's GEMM, which wins at prefill sizes.
+SMALL_BATCH_ROWS = 16
 _SOURCES = sorted(str(path) for path in (Path(__file__).with_name("csrc")).glob("*.cpp"))
 # Flags for the instruction sets torch itself dispatches to; the library name carries the level, so a cache shared
 # between different machines never hands one a binary built for instructions it lacks. -fno-trapping-math lets GCC

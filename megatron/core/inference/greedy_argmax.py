@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron.core.cpu_kernels import cpu_op
+from megatron.core.cpu_kernels import SMALL_BATCH_ROWS, cpu_op
 from megatron.core.inference_params import InferenceParams
-
-# decode_linear's limit for its small-batch kernel: up to it the screened argmax reproduces its logits' argmax
-# exactly; larger forwards go through PyTorch's GEMM, whose rounding differs in the last bit.
-MAX_ROWS = 16
 
 
 def greedy_argmax(x: torch.Tensor, weight: torch.Tensor, inference_params: InferenceParams,
@@ -24,10 +20,11 @@ def greedy_argmax(x: torch.Tensor, weight: torch.Tensor, inference_params: Infer
     """``(x @ weight[:vocab_size].T).argmax(-1)``: x ``(..., hidden)``, weight ``(vocab, hidden)`` -> ``(...)``
     int64.
 
-    Returns None where the kernel does not apply (not float32 on CPU, more than ``MAX_ROWS`` rows, autograd on,
-    kernels unavailable); the caller then computes the logits."""
+    Returns None where the kernel does not apply (not float32 on CPU, autograd on, kernels unavailable, or more
+    than ``SMALL_BATCH_ROWS`` rows: larger forwards compute logits with PyTorch's GEMM, whose rounding differs from
+    ``decode_linear``'s in the last bit); the caller then computes the logits."""
     rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0 or rows > MAX_ROWS or torch.is_grad_enabled() or not weight.is_contiguous():
+    if rows == 0 or rows > SMALL_BATCH_ROWS or torch.is_grad_enabled() or not weight.is_contiguous():
         return None
     op = cpu_op("greedy_argmax", x, weight)
     if op is None:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from megatron.core.cpu_kernels import cpu_op
+from megatron.core.cpu_kernels import SMALL_BATCH_ROWS, cpu_op
 from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
 from megatron.core.ssm.ops import ssm_ops
@@ -127,10 +127,13 @@ class MambaMixer(nn.Module):
 
     def decode_with_residual(self, hidden: torch.Tensor,
                              inference_params: InferenceParams | None) -> torch.Tensor | None:
-        """``hidden + self(hidden)`` for one decoding token ``(b, 1, hidden)`` in a single fused C++ call, or None
-        where that path does not apply (not a continuing single-token step, autograd on, not CPU float32, tensor
-        parallelism, LayerNorm or shared x/B). Same states updated, same function as the module path."""
-        if (inference_params is None or inference_params.sequence_len_offset == 0 or hidden.shape[1] != 1
+        """``hidden + self(hidden)`` for a few decoding tokens ``(b, s, hidden)`` (one step, or a speculative
+        verification) in a single fused C++ call, or None where that path does not apply (no state to continue
+        from, more than ``SMALL_BATCH_ROWS`` tokens in all, autograd on, not CPU float32, tensor parallelism,
+        LayerNorm or shared x/B). Same states updated, same function as the module path: the recurrence stepped
+        token by token, which for a few tokens is cheaper than the chunked scan."""
+        if (inference_params is None or inference_params.sequence_len_offset == 0
+                or hidden.shape[0] * hidden.shape[1] > SMALL_BATCH_ROWS
                 or torch.is_grad_enabled() or not self.single_rank or self.kv_groups is not None
                 or self.in_proj.normalization != "RMSNorm" or not hidden.is_contiguous()):
             return None
@@ -139,10 +142,9 @@ class MambaMixer(nn.Module):
         if kernel is None or states is None:
             return None
         b = hidden.shape[0]
-        out = kernel(hidden[:, 0], self.in_proj.layer_norm_weight, self.in_proj.eps, self.in_proj.weight,
-                     states[0][:b], states[1][:b], self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A_log,
-                     self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps, self.out_proj.weight)
-        return out.unsqueeze(1)
+        return kernel(hidden, self.in_proj.layer_norm_weight, self.in_proj.eps, self.in_proj.weight,
+                      states[0][:b], states[1][:b], self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A_log,
+                      self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps, self.out_proj.weight)
 
     def _step(self, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One decode step up to the gated norm: the in_proj output ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron.core.cpu_kernels import cpu_op
+from megatron.core.cpu_kernels import SMALL_BATCH_ROWS, cpu_op
 from megatron.core.inference_params import InferenceParams
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -15,14 +15,15 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   inference_params: InferenceParams | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``(..., in) -> (..., out)`` with ``weight`` ``(out, in)`` and ``bias`` ``(out,)``.
 
-    A CPU decoding forward of at most 16 rows (``inference_params`` given, batch x tokens <= 16, no autograd: single
-    token steps, speculative verification) multiplies a few rows by large weights, where PyTorch's GEMM is several
-    times slower than streaming the weight. There it runs the
-    ``small_batch_linear`` C++ kernel, which reads the weight once in its own row-major layout (one dot product per
-    weight row and input row), with no transposed copy; ``F.linear`` when the kernel is unavailable.
+    A CPU decoding forward of at most ``SMALL_BATCH_ROWS`` rows (batch x tokens; ``inference_params`` given, no
+    autograd: single-token steps, speculative verification) multiplies a few rows by large weights, where
+    PyTorch's GEMM is several times slower than streaming the weight. There it runs the ``small_batch_linear`` C++
+    kernel, which reads the weight once in its own row-major layout (one dot product per weight row and input row),
+    with no transposed copy; ``F.linear`` when the kernel is unavailable.
     """
     rows = x.numel() // max(x.shape[-1], 1)
-    if inference_params is not None and rows <= 16 and x.device.type == "cpu" and not torch.is_grad_enabled():
+    if (inference_params is not None and rows <= SMALL_BATCH_ROWS and x.device.type == "cpu"
+            and not torch.is_grad_enabled()):
         tensors = (x, weight) if bias is None else (x, weight, bias)
         op = cpu_op("small_batch_linear", *tensors, dtypes=(torch.float32, torch.float64))
         if op is not None and weight.is_contiguous() and (bias is None or bias.is_contiguous()):

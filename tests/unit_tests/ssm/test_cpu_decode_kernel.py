@@ -61,3 +61,29 @@ def test_fused_layer_matches_module_path(monkeypatch):
     monkeypatch.setattr(MambaMixer, "decode_with_residual", lambda self, *args: None)
     module_path = run_decode(model, tokens, 6)
     torch.testing.assert_close(fused, module_path, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_layer_takes_several_tokens(monkeypatch):
+    """A multi-token continuation (speculative verification) through the fused layer: bit for bit the tokens fed
+    one at a time (same kernels row by row) in a Mamba/MLP model, and the chunked scan's result to float32 rounding;
+    the states after it continue the same way."""
+    model = randomize_(tiny_model("M-M", mamba_num_groups=2, mamba_head_dim=8, mamba_state_dim=12)).eval()
+    tokens = torch.randint(0, 61, (2, 12))
+
+    def continue_with(chunks: list[int]) -> torch.Tensor:
+        params = InferenceParams(2, 12)
+        outputs, position = [], 4
+        with torch.inference_mode():
+            model(tokens[:, :position], inference_params=params)
+            params.advance(position)
+            for size in chunks:
+                outputs.append(model(tokens[:, position : position + size], inference_params=params))
+                params.advance(size)
+                position += size
+        return torch.cat(outputs, dim=1)
+
+    one_by_one = continue_with([1] * 8)
+    grouped = continue_with([5, 3])  # 10 and 6 rows: within SMALL_BATCH_ROWS, so the fused layer runs
+    assert torch.equal(grouped, one_by_one)
+    monkeypatch.setattr(MambaMixer, "decode_with_residual", lambda self, *args: None)
+    torch.testing.assert_close(continue_with([5, 3]), one_by_one, atol=1e-5, rtol=1e-5)  # the chunked scan
