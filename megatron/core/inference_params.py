@@ -37,6 +37,10 @@ class InferenceParams:
         self.derived_weights: dict[int, tuple] = {}
         self.key_value_memory_dict: dict[int, tuple[torch.Tensor, ...]] = {}
         self.recurrent_layers: set[int] = set()
+        # Speculative verification: recurrent layers that can, keep their states after each token of a forward
+        # here ((tokens, b, ...) per state), so that a rejection rolls back without feeding tokens again.
+        self.record_token_states = False
+        self.token_states: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def layer_state(
         self, layer_number: int, allocate: Callable[[], tuple[torch.Tensor, ...]], recurrent: bool = False
@@ -61,6 +65,19 @@ class InferenceParams:
         for layer, saved in states.items():
             for current, value in zip(self.key_value_memory_dict[layer], saved, strict=True):
                 current.copy_(value)
+
+    def rewind_to_token(self, index: int, offset: int) -> bool:
+        """After a forward that recorded ``token_states``: make every recurrent state its value after token
+        ``index`` of that forward and set the offset to ``offset`` (the position after that token). Returns False,
+        changing nothing, when some recurrent layer did not record its states (the caller then restores a
+        :meth:`snapshot` and feeds the kept tokens again)."""
+        if not self.recurrent_layers <= self.token_states.keys():
+            return False
+        for layer in self.recurrent_layers:
+            for current, history in zip(self.key_value_memory_dict[layer], self.token_states[layer], strict=True):
+                current[: history.shape[1]].copy_(history[index])
+        self.sequence_len_offset = offset
+        return True
 
     def check_room(self, batch_size: int, num_tokens: int) -> None:
         """Raise ``ValueError`` if a forward of ``num_tokens`` tokens for ``batch_size`` sequences would overflow."""

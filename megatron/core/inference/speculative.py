@@ -9,8 +9,10 @@ Each round, with every sequence past its prompt and one *pending* token that nei
    rejection test ``u < p(x) / q(x)``, which leaves the target's distribution exactly intact); the batch keeps the
    smallest accepted count ``n``, then one more token comes from the target (the correction, drawn from
    ``max(0, p - q)`` when sampling, or the bonus token when all ``k`` were accepted);
-4. both models are rolled back to the last kept position: Mamba conv/SSM states are restored from a snapshot taken
-   before the round and the kept tokens are fed again (KV caches need only their offset moved back).
+4. both models are rolled back to the last kept position (KV caches need only their offset moved back): the target's
+   fused Mamba2 layers record their states after each verified token, so it resumes from the last kept one; the
+   draft keeps a snapshot after each proposal. Where a layer cannot record (module path, Mamba1, tensor
+   parallelism), the target restores a snapshot taken before the round and is fed the kept tokens again.
 
 The result equals what the target alone generates: token for token when greedy, in distribution when sampling. The
 draft can be any model with the same vocabulary (``--draft-load``: a smaller hybrid trained on the same tokenizer).
@@ -138,10 +140,13 @@ class _Round:
 
     def speculative_round(self, pending: int, k: int) -> int:
         """Propose ``k`` tokens after the pending one, verify, keep ``n + 1``; returns how many were placed."""
-        draft_snapshot, target_snapshot = self.draft_cache.snapshot(), self.target_cache.snapshot()
-        proposals, draft_log_probs = self._propose(pending, k)
+        target_snapshot = self.target_cache.snapshot()
+        proposals, draft_log_probs, draft_snapshots = self._propose(pending, k)
         self.tokens[:, pending + 1 : pending + 1 + k] = proposals
+        self.target_cache.record_token_states = True
+        self.target_cache.token_states.clear()
         target_out = self._forward(self.target, self.target_cache, pending, pending + 1 + k)  # (b, k + 1[, V])
+        self.target_cache.record_token_states = False
         previous = self.tokens[:, pending : pending + 1 + k]
         processed = target_out
         if not self.target_cache.argmax_only:
@@ -150,13 +155,16 @@ class _Round:
         self.tokens[:, pending + 1 + accepted] = last
         self.accepted, self.proposed = self.accepted + accepted, self.proposed + k
         self._record_log_probs(target_out[:, : accepted + 1], pending + 1, accepted + 1)
-        self._roll_back(pending, k, accepted, draft_snapshot, target_snapshot)
+        self._roll_back(pending, k, accepted, draft_snapshots, target_snapshot)
         return accepted + 1
 
-    def _propose(self, pending: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The draft's ``k`` tokens ``(b, k)`` and, when sampling, its log-probs ``(b, k, vocab)``."""
-        proposals, log_probs = [], []
+    def _propose(self, pending: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple]]:
+        """The draft's ``k`` tokens ``(b, k)``, when sampling its log-probs ``(b, k, vocab)``, and snapshots of its
+        state after each of the first ``k - 1`` steps (the points a rejection can roll it back to)."""
+        proposals, log_probs, snapshots = [], [], []
         for j in range(k):
+            if j > 0:
+                snapshots.append(self.draft_cache.snapshot())
             out = self._forward(self.draft, self.draft_cache, pending + j, pending + j + 1)[:, -1]
             if not self.draft_cache.argmax_only:
                 out = self._processed(out, self.tokens[:, pending + j])
@@ -165,7 +173,7 @@ class _Round:
             token = self._choose(out, self.draft_cache)
             self.tokens[:, pending + 1 + j] = token
             proposals.append(token)
-        return torch.stack(proposals, 1), (torch.stack(log_probs, 1) if log_probs else None)
+        return torch.stack(proposals, 1), (torch.stack(log_probs, 1) if log_probs else None), snapshots
 
     def _verify(self, target_logits: torch.Tensor, proposals: torch.Tensor,
                 draft_log_probs: torch.Tensor | None) -> tuple[int, torch.Tensor]:
@@ -195,18 +203,19 @@ class _Round:
             last = torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(p.device)
         return accepted, broadcast_from_tensor_rank_0(last)
 
-    def _roll_back(self, pending: int, k: int, accepted: int, draft_snapshot: tuple, target_snapshot: tuple) -> None:
+    def _roll_back(self, pending: int, k: int, accepted: int, draft_snapshots: list[tuple],
+                   target_snapshot: tuple) -> None:
         """Leave both models having consumed exactly the positions before the new pending token."""
         keep = pending + 1 + accepted  # the new pending position
-        if accepted < k:
+        # The target consumed pending .. pending + k: keep its state after token `accepted` of the verification.
+        if accepted < k and not self.target_cache.rewind_to_token(accepted, keep):
             self.target_cache.restore(target_snapshot)
             self._forward(self.target, self.target_cache, pending, keep)
-        # The draft consumed pending .. pending + k - 1.
+        # The draft consumed pending .. pending + k - 1; draft_snapshots[j] is its state after pending + j.
         if accepted == k:
             self._forward(self.draft, self.draft_cache, pending + k, keep)
         elif accepted < k - 1:
-            self.draft_cache.restore(draft_snapshot)
-            self._forward(self.draft, self.draft_cache, pending, keep)
+            self.draft_cache.restore(draft_snapshots[accepted])
 
     def _record_log_probs(self, logits: torch.Tensor, position: int, count: int) -> None:
         if self.log_probs is not None:

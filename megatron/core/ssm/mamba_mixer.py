@@ -141,10 +141,15 @@ class MambaMixer(nn.Module):
         states = inference_params.key_value_memory_dict.get(self.layer_number)
         if kernel is None or states is None:
             return None
-        b = hidden.shape[0]
-        return kernel(hidden, self.in_proj.layer_norm_weight, self.in_proj.eps, self.in_proj.weight,
-                      states[0][:b], states[1][:b], self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A_log,
-                      self.D, self.dt_bias, self.norm.weight, self.ngroups, self.norm.eps, self.out_proj.weight)
+        b, s = hidden.shape[:2]
+        conv_state, ssm_state = states[0][:b], states[1][:b]
+        history = (None, None)
+        if inference_params.record_token_states:  # the states after each token, for a speculative roll-back
+            history = (conv_state.new_empty(s, *conv_state.shape), ssm_state.new_empty(s, *ssm_state.shape))
+            inference_params.token_states[self.layer_number] = history
+        return kernel(hidden, self.in_proj.layer_norm_weight, self.in_proj.eps, self.in_proj.weight, conv_state,
+                      ssm_state, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.A_log, self.D, self.dt_bias,
+                      self.norm.weight, self.ngroups, self.norm.eps, self.out_proj.weight, *history)
 
     def _step(self, zxbcdt: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """One decode step up to the gated norm: the in_proj output ``(b, 1, ·)`` -> ``(b, 1, d_inner)``; states

@@ -87,3 +87,39 @@ def test_fused_layer_takes_several_tokens(monkeypatch):
     assert torch.equal(grouped, one_by_one)
     monkeypatch.setattr(MambaMixer, "decode_with_residual", lambda self, *args: None)
     torch.testing.assert_close(continue_with([5, 3]), one_by_one, atol=1e-5, rtol=1e-5)  # the chunked scan
+
+
+def test_rewind_to_a_recorded_token():
+    """States recorded during a multi-token forward: rewinding to token i equals having fed only tokens 0..i, bit
+    for bit in a Mamba/MLP model (attention over a different number of queries would round differently)."""
+    model = randomize_(tiny_model("M-M", mamba_num_groups=2, mamba_head_dim=8, mamba_state_dim=12)).eval()
+    tokens = torch.randint(0, 61, (2, 10))
+
+    def continue_after(params: InferenceParams, start: int) -> torch.Tensor:
+        return model(tokens[:, start : start + 1], inference_params=params)
+
+    with torch.inference_mode():
+        expected_params = InferenceParams(2, 10)
+        model(tokens[:, :4], inference_params=expected_params)  # prompt 0..3, then tokens 4 and 5
+        expected_params.advance(4)
+        model(tokens[:, 4:6], inference_params=expected_params)
+        expected_params.advance(2)
+        expected = continue_after(expected_params, 6)
+
+        params = InferenceParams(2, 10)
+        model(tokens[:, :4], inference_params=params)
+        params.advance(4)
+        params.record_token_states = True
+        model(tokens[:, 4:9], inference_params=params)  # a 5-token verification of which 2 are kept
+        params.record_token_states = False
+        assert params.token_states.keys() == params.recurrent_layers
+        assert params.rewind_to_token(1, 6) and params.sequence_len_offset == 6
+        assert torch.equal(continue_after(params, 6), expected)
+
+        float64_model = tiny_model("M-M").double().eval()  # the module path records nothing: no rewind
+        params = InferenceParams(2, 10)
+        float64_model(tokens[:, :4], inference_params=params)
+        params.advance(4)
+        params.record_token_states = True
+        float64_model(tokens[:, 4:9], inference_params=params)
+        assert not params.rewind_to_token(1, 6) and params.sequence_len_offset == 4
