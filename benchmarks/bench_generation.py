@@ -47,7 +47,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path[:0] = [str(REPO), str(BENCH_DIR)]  # this checkout's megatron (not an installed copy) and the sibling script
 
-from bench_mamba2_vs_hf import build_models  # noqa: E402  (a sibling script, found through sys.path)
+from bench_mamba2_vs_hf import build_models, interleaved  # noqa: E402  (a sibling script, found through sys.path)
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 from megatron.core.datasets.splits import split_document_ranges  # noqa: E402
@@ -117,19 +117,6 @@ def parse_args() -> argparse.Namespace:
     group.add_argument("--work-dir", default="data_cache/bench_generation", help="trained checkpoints are kept here")
     group.add_argument("--retrain", action="store_true", help="train again even if the checkpoints exist")
     return parser.parse_args()
-
-
-def interleaved(steps: dict[str, Callable[[], Any]],
-                repeats: int) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
-    """Seconds of every call of each step, calls alternating between the steps; and every call's result."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    outputs: dict[str, list[Any]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            outputs[name].append(step())
-            times[name].append(time.perf_counter() - start)
-    return times, outputs
 
 
 def median(values: list[float]) -> float:

@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,17 +72,29 @@ def build_models(args: argparse.Namespace) -> tuple[Mamba2ForCausalLM, HybridMod
     return hf, ours
 
 
+def interleaved(steps: dict[str, Callable[[], Any]],
+                repeats: int) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Seconds of every call of each step and every call's result. Calls alternate between the steps, so that
+    drifts in machine speed (common on shared VMs) hit all alike, and each round starts one step later than the
+    previous one, so that no step always runs right after the same peer (a call that follows another one's large
+    allocations meets colder caches and fresh pages)."""
+    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: dict[str, list[Any]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            outputs[name].append(steps[name]())
+            times[name].append(time.perf_counter() - start)
+    return times, outputs
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each step function after one warm-up call each. Calls alternate between the
-    functions, so that drifts in machine speed (common on shared VMs) hit both sides alike."""
+    """Median seconds per call of each step function after one warm-up call each (calls as in :func:`interleaved`)."""
     for step in steps.values():
         step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+    times, _ = interleaved(steps, repeats)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
