@@ -211,6 +211,7 @@ class _Round:
         if accepted < k and not self.target_cache.rewind_to_token(accepted, keep):
             self.target_cache.restore(target_snapshot)
             self._forward(self.target, self.target_cache, pending, keep)
+        self.target_cache.token_states.clear()  # (k + 1) copies of every state: free them now
         # The draft consumed pending .. pending + k - 1; draft_snapshots[j] is its state after pending + j.
         if accepted == k:
             self._forward(self.draft, self.draft_cache, pending + k, keep)

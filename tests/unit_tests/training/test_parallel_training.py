@@ -121,8 +121,12 @@ def assert_matches(reference: tuple[list[tuple[float, float]], dict[str, torch.T
         assert norm == pytest.approx(expected_norm, abs=2e-3)  # logged with 3 decimals
     params = gather_checkpoint(checkpoint, load_optimizer=False).tensors
     assert params.keys() == expected_params.keys()
+    # Layouts round differently in float32 (split matmuls, reductions in another order), and Adam divides each
+    # gradient by its own running scale, so an element whose gradient is nearly zero can move by much more than
+    # its rounding: after 3 steps at lr 1e-2 the largest gaps seen are ~1e-5. A layout bug (a missing reduction, a
+    # wrong shard) moves weights by ~lr per step, 200x this tolerance.
     for name, value in params.items():
-        torch.testing.assert_close(value, expected_params[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(value, expected_params[name], rtol=0, atol=5e-5, msg=name)
 
 
 def test_tied_embeddings_stay_in_sync_across_pipeline_stages(tmp_path):
