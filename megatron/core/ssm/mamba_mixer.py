@@ -11,7 +11,11 @@ from megatron.core.cpu_kernels import SMALL_BATCH_ROWS, cpu_op
 from megatron.core.inference_params import InferenceParams
 from megatron.core.ssm.gated_rmsnorm import GatedRMSNorm
 from megatron.core.ssm.ops import ssm_ops
-from megatron.core.ssm.ops.causal_conv1d import causal_conv1d_silu_split, conv_state_from_inputs
+from megatron.core.ssm.ops.causal_conv1d import (
+    causal_conv1d_silu_split,
+    conv_state_from_inputs,
+    projection_conv1d_silu_split,
+)
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron.core.transformer.norm import scaled_init_std
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -111,8 +115,15 @@ class MambaMixer(nn.Module):
             if continuing and length == 1:
                 return self.out_proj(self._step(zxbcdt, conv_state, ssm_state), inference_params)
 
-        z, xbc, dt = self._split_projection(zxbcdt)
-        x, B, C = causal_conv(self.conv1d, xbc, self.xbc_widths, conv_state, continuing)
+        pieces = None
+        if conv_state is None and torch.is_grad_enabled():  # training: one autograd node for split + conv
+            pieces = projection_conv1d_silu_split(zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                                  self.d_inner, self.xbc_widths)
+        if pieces is not None:
+            z, x, B, C, dt = pieces
+        else:
+            z, xbc, dt = self._split_projection(zxbcdt)
+            x, B, C = causal_conv(self.conv1d, xbc, self.xbc_widths, conv_state, continuing)
         A = -torch.exp(self.A_log.float())
         ops = ssm_ops(hidden)
         y = ops.chunk_scan(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core.cpu_kernels import cpu_op
-from megatron.core.ssm.ops.causal_conv1d import causal_conv1d_silu_split
+from megatron.core.ssm.ops.causal_conv1d import causal_conv1d_silu_split, projection_conv1d_silu_split
 
 pytestmark = pytest.mark.skipif(os.environ.get("MEGATRON_CPU_KERNELS") == "0", reason="CPU kernels disabled")
 
@@ -48,6 +48,34 @@ def test_forward_and_backward_match_conv1d(dtype, tol, with_bias):
     torch.testing.assert_close(torch.cat(pieces, -1), expected, atol=tol, rtol=tol)
     for leaf, reference in zip(leaves, reference_leaves, strict=True):
         torch.testing.assert_close(leaf.grad, reference.grad, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("unused", [None, "head", "tail", "conv"])
+def test_projection_split_builds_one_gradient(dtype, tol, unused):
+    """[head | conv input | tail] as one node (Mamba2's [z | x B C | dt]): the outputs and every gradient equal
+    slicing the projection and convolving with F.conv1d, including pieces that get no gradient."""
+    torch.manual_seed(2)
+    head, widths, tail = 9, [70, 50, 30], 5
+    projection = torch.randn(2, 37, head + sum(widths) + tail, dtype=dtype, requires_grad=True)
+    weight = torch.randn(sum(widths), 4, dtype=dtype, requires_grad=True)
+    bias = torch.randn(sum(widths), dtype=dtype, requires_grad=True)
+    out = projection_conv1d_silu_split(projection, weight, bias, head, widths)
+    assert out is not None and [t.shape[-1] for t in out] == [head, *widths, tail]
+    reference_leaves = [t.detach().clone().requires_grad_() for t in (projection, weight, bias)]
+    reference_projection = reference_leaves[0]
+    expected = (reference_projection[..., :head],
+                *oracle(reference_projection[..., head:-tail], *reference_leaves[1:]).split(widths, -1),
+                reference_projection[..., -tail:])
+    used = {"head": [1, 2, 3, 4], "tail": [0, 1, 2, 3], "conv": [0, 4], None: [0, 1, 2, 3, 4]}[unused]
+    weights = [torch.randn(t.shape, dtype=dtype) for t in expected]
+    sum((out[i] * weights[i]).sum() for i in used).backward()
+    sum((expected[i] * weights[i]).sum() for i in used).backward()
+    for got, want in zip(out, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for leaf, reference in zip((projection, weight, bias), reference_leaves, strict=True):
+        expected_grad = torch.zeros_like(reference) if reference.grad is None else reference.grad  # unused conv
+        torch.testing.assert_close(leaf.grad, expected_grad, atol=tol * 10, rtol=tol)
 
 
 def test_unused_piece_gets_zero_gradient():

@@ -117,6 +117,7 @@ void backward_kernel(const std::vector<at::Tensor>& grads, const at::Tensor& x, 
   const T* xp = x.data_ptr<T>();
   const T* wp = weight.data_ptr<T>();
   T* gx = grad_x.data_ptr<T>();
+  const int64_t gx_batch_stride = grad_x.stride(0), gx_row_stride = grad_x.stride(1);
   T* gw = grad_w.data_ptr<T>();
   T* gb = grad_b.data_ptr<T>();
   const int64_t K = g.width;
@@ -142,7 +143,7 @@ void backward_kernel(const std::vector<at::Tensor>& grads, const at::Tensor& x, 
           }
           // x[t] feeds the outputs t .. t + K - 1 through weight K - 1 - j; it also pairs with the gradient at
           // t for weight k through input t - K + 1 + k.
-          T* gxr = gx + (b * g.length + t) * g.channels + blk.channel;
+          T* gxr = gx + b * gx_batch_stride + t * gx_row_stride + blk.channel;
           for (int64_t c = 0; c < blk.width; ++c) gxr[c] = T(0);
           for (int64_t j = 0; j < K && t + j < g.length; ++j) {
             const T* ga = ring.data() + ((t + j) % K) * kBlock;
@@ -204,11 +205,12 @@ std::vector<at::Tensor> causal_conv1d_silu(const at::Tensor& x, const at::Tensor
   return outputs;
 }
 
-// Gradients of causal_conv1d_silu (started from zeros) with respect to x (contiguous (b, l, d)), weight and bias,
-// given the gradients of its outputs (contiguous, one per entry of widths).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_silu_backward(
+// Gradients of causal_conv1d_silu (started from zeros) with respect to x, written into grad_x ((b, l, d) with
+// unit channel stride: it may be a column slice of a larger gradient, which then needs no concatenation), and
+// returned for weight and bias, given the gradients of its outputs (contiguous, one per entry of widths).
+std::tuple<at::Tensor, at::Tensor> causal_conv1d_silu_backward(
     at::TensorList grads, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    at::IntArrayRef widths) {
+    at::IntArrayRef widths, at::Tensor grad_x) {
   const Geometry g = geometry(x, weight, widths);
   check_bias(bias, x);
   TORCH_CHECK(grads.size() == widths.size(), "causal_conv1d_silu_backward: one gradient per output is needed");
@@ -218,7 +220,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_silu_backward(
                 "causal_conv1d_silu_backward: gradient ", i, " must be a contiguous (b, l, ", widths[i], ") tensor");
     grad_list.push_back(grads[i]);
   }
-  auto grad_x = at::empty({g.batch, g.length, g.channels}, x.options());
+  TORCH_CHECK(grad_x.dim() == 3 && grad_x.size(0) == g.batch && grad_x.size(1) == g.length &&
+                  grad_x.size(2) == g.channels && grad_x.stride(2) == 1 && grad_x.scalar_type() == x.scalar_type(),
+              "causal_conv1d_silu_backward: grad_x must be (", g.batch, ", ", g.length, ", ", g.channels,
+              ") with unit channel stride, got ", grad_x.sizes());
   auto grad_w = at::empty_like(weight);
   auto grad_b = at::empty({g.channels}, x.options());
   const auto blocks = channel_blocks(widths);
@@ -227,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_silu_backward(
     backward_kernel<scalar_t>(grad_list, x, weight, bias ? bias->data_ptr<scalar_t>() : nullptr, g, blocks, widths,
                               offsets, grad_x, grad_w, grad_b);
   });
-  return {grad_x, grad_w, grad_b};
+  return {grad_w, grad_b};
 }
 
 }  // namespace
@@ -235,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_conv1d_silu_backward(
 TORCH_LIBRARY_FRAGMENT(megatron, m) {
   m.def("causal_conv1d_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? initial, int[] widths) -> Tensor[]",
         &causal_conv1d_silu);
-  m.def("causal_conv1d_silu_backward(Tensor[] grads, Tensor x, Tensor weight, Tensor? bias, int[] widths) -> "
-        "(Tensor, Tensor, Tensor)",
+  m.def("causal_conv1d_silu_backward(Tensor[] grads, Tensor x, Tensor weight, Tensor? bias, int[] widths, "
+        "Tensor(a!) grad_x) -> (Tensor, Tensor)",
         &causal_conv1d_silu_backward);
 }
