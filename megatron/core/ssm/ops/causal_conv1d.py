@@ -63,41 +63,12 @@ def conv_state_from_inputs(x: torch.Tensor, width: int, previous: torch.Tensor |
     return torch.cat([previous.to(x.dtype), x], dim=-1)[..., -width:]
 
 
-class _CausalConvSiLUKernel(torch.autograd.Function):
-    """The fused CPU kernel (``megatron/core/cpu_kernels/csrc/causal_conv1d_silu.cpp``) with its backward, started
-    from zeros."""
-
-    @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None, widths: list[int]) -> tuple[torch.Tensor, ...]:
-        ctx.save_for_backward(x, weight, bias)
-        ctx.widths = widths
-        return tuple(torch.ops.megatron.causal_conv1d_silu(x, weight, bias, None, widths))
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor | None) -> tuple:
-        x, weight, bias = ctx.saved_tensors
-        grad_x = x.new_empty(x.shape)
-        grad_weight, grad_bias = _conv_backward_into(grad_x, grads, x, weight, bias, ctx.widths)
-        return grad_x, grad_weight, grad_bias, None
-
-
-def _conv_backward_into(grad_x: torch.Tensor, grads: tuple[torch.Tensor | None, ...], x: torch.Tensor,
-                        weight: torch.Tensor, bias: torch.Tensor | None,
-                        widths: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The fused kernel's backward: writes the input gradient into ``grad_x`` ``(b, l, d)`` (any row stride) and
-    returns the weight and bias gradients. Missing output gradients count as zeros."""
-    b, length = x.shape[:2]
-    grads = [x.new_zeros(b, length, w) if g is None else g.contiguous() for g, w in zip(grads, widths, strict=True)]
-    grad_weight, grad_bias = torch.ops.megatron.causal_conv1d_silu_backward(grads, x, weight, bias, widths, grad_x)
-    return grad_weight, grad_bias if bias is not None else None
-
-
-class _ProjectionConvSiLUKernel(torch.autograd.Function):
-    """A projection's columns ``[head | conv input | tail]`` -> (head, conv pieces..., tail): head and tail are views,
-    the conv input goes through the fused kernel. Its backward assembles the projection's gradient in one buffer,
-    the kernel writing its part in place, instead of autograd concatenating three gradients (a 59 MB copy per
-    Mamba2 layer at the benchmark size, and one more fresh buffer)."""
+class _ConvSiLUColumnsKernel(torch.autograd.Function):
+    """The fused CPU kernel (``megatron/core/cpu_kernels/csrc/causal_conv1d_silu.cpp``), started from zeros, on the
+    columns ``start:end`` of a channel-last tensor ``[head | conv input | tail]`` -> (head, conv pieces..., tail);
+    head and tail are views and may be empty. Its backward assembles the whole tensor's gradient in one buffer, the
+    kernel writing its columns in place, instead of autograd concatenating three gradients (for Mamba2's
+    ``[z | x B C | dt]`` a 59 MB copy per layer at the benchmark size, and one more fresh buffer)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, projection: torch.Tensor, weight: torch.Tensor,
@@ -117,9 +88,19 @@ class _ProjectionConvSiLUKernel(torch.autograd.Function):
                 grad[..., columns].zero_()
             else:
                 grad[..., columns].copy_(piece)
-        grad_weight, grad_bias = _conv_backward_into(grad[..., ctx.start : ctx.end], grads[1:-1],
-                                                     projection[..., ctx.start : ctx.end], weight, bias, ctx.widths)
-        return grad, grad_weight, grad_bias, None, None
+        b, length = projection.shape[:2]
+        conv_grads = [projection.new_zeros(b, length, w) if g is None else g.contiguous()  # unused piece: zeros
+                      for g, w in zip(grads[1:-1], ctx.widths, strict=True)]
+        grad_weight, grad_bias = torch.ops.megatron.causal_conv1d_silu_backward(
+            conv_grads, projection[..., ctx.start : ctx.end], weight, bias, ctx.widths, grad[..., ctx.start : ctx.end])
+        return grad, grad_weight, grad_bias if bias is not None else None, None, None
+
+
+def _kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether the fused CPU conv kernel takes these operands (CPU float32/float64, unit channel stride)."""
+    operands = [x, weight] + ([bias] if bias is not None else [])
+    kernel = cpu_op("causal_conv1d_silu", *operands, dtypes=(torch.float32, torch.float64))
+    return kernel is not None and x.stride(-1) == 1 and weight.is_contiguous()
 
 
 def projection_conv1d_silu_split(
@@ -129,11 +110,9 @@ def projection_conv1d_silu_split(
     channel-last ``projection`` ``(b, l, ·)`` whose columns ``start:start + sum(widths)`` feed the conv (Mamba2's
     ``[z | x B C | dt]``), as one autograd node so that the projection's gradient is built in place; None where the
     fused CPU kernel does not apply (the caller then splits and convolves separately). weight ``(d, K)``."""
-    operands = [projection, weight] + ([bias] if bias is not None else [])
-    kernel = cpu_op("causal_conv1d_silu", *operands, dtypes=(torch.float32, torch.float64))
-    if kernel is None or projection.stride(-1) != 1 or not weight.is_contiguous():
+    if not _kernel_applies(projection, weight, bias):
         return None
-    return _ProjectionConvSiLUKernel.apply(projection, weight, bias, start, list(widths))
+    return _ConvSiLUColumnsKernel.apply(projection, weight, bias, start, list(widths))
 
 
 def causal_conv1d_silu_split(
@@ -151,12 +130,11 @@ def causal_conv1d_silu_split(
     storing it. Elsewhere, or without the kernel, it is the reference :func:`causal_conv1d_fn`. weight ``(d, K)``,
     bias ``(d,)``, initial_states ``(b, d, K - 1)`` as there.
     """
-    operands = [x, weight] + ([bias] if bias is not None else [])
-    kernel = cpu_op("causal_conv1d_silu", *operands, dtypes=(torch.float32, torch.float64))
-    if kernel is not None and x.stride(-1) == 1 and weight.is_contiguous():
+    if _kernel_applies(x, weight, bias):
         if initial_states is None:
-            return _CausalConvSiLUKernel.apply(x, weight, bias, list(widths))
+            return _ConvSiLUColumnsKernel.apply(x, weight, bias, 0, list(widths))[1:-1]  # no head, no tail
         if not torch.is_grad_enabled():  # decoding continues from a state: forward only
-            return tuple(kernel(x, weight, bias, initial_states.to(x.dtype).contiguous(), list(widths)))
+            initial = initial_states.to(x.dtype).contiguous()
+            return tuple(torch.ops.megatron.causal_conv1d_silu(x, weight, bias, initial, list(widths)))
     out = causal_conv1d_fn(x.transpose(1, 2), weight, bias, initial_states, "silu").transpose(1, 2)
     return out.split(widths, dim=-1)
